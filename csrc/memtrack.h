@@ -1,0 +1,191 @@
+/*
+ * memtrack._core: the one header every C file includes.
+ *
+ * Layers: module.c (module state, types, errors) calls readings.c, peak.c,
+ * phase.c and pack.c; only csrc/platform/<os>/ talks to the operating system,
+ * through the small mt_os_* interface declared at the bottom of this file.
+ */
+#ifndef MEMTRACK_H
+#define MEMTRACK_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <threads.h>
+
+#define MT_VERSION "0.1.0"
+
+#if defined(MEMTRACK_LINUX)
+#define MT_PLATFORM "linux"
+#elif defined(MEMTRACK_MACOS)
+#define MT_PLATFORM "macos"
+#elif defined(MEMTRACK_WINDOWS)
+#define MT_PLATFORM "windows"
+#else
+#error "setup.py defines one of MEMTRACK_LINUX, MEMTRACK_MACOS, MEMTRACK_WINDOWS"
+#endif
+
+/* Longest phase name in UTF-8 bytes, and deepest nesting that gets its own
+ * path; deeper phases are measured and recorded under their deepest
+ * ancestor's path (documented in docs/api.md). */
+#define MT_MAX_NAME 255
+#define MT_MAX_DEPTH 64
+/* Longest phase path kept; longer paths are cut at a '/' and end in "/...". */
+#define MT_MAX_PATH 1024
+/* Distinct paths one process can hold; more go to the "(overflow)" path. */
+#define MT_MAX_PATHS 65536
+#define MT_DEFAULT_RECORDS 100000
+
+/* ------------------------------------------------------------------------ */
+/* Module state (PEP 489): the heap types and the exception.                */
+
+typedef struct {
+    PyTypeObject *Sample;
+    PyTypeObject *Footprint;
+    PyTypeObject *PhaseStats;
+    PyTypeObject *PhaseSummary;
+    PyTypeObject *Phase;
+    PyObject *ProfileError;
+} mt_state;
+
+extern PyModuleDef mt_module_def;
+mt_state *mt_state_from_type(PyTypeObject *tp);
+
+/* Raise OSError (the errno subclass) naming the failing call and path. */
+void mt_raise_os(int err, const char *syscall, const char *path);
+
+/* ------------------------------------------------------------------------ */
+/* Errors from the platform layer: the call that failed and its errno.      */
+
+typedef struct {
+    const char *syscall; /* "pread", "open", ... */
+    const char *path;    /* the file involved, or NULL */
+    int err;             /* errno */
+} mt_oserr;
+
+static inline int
+mt_fail(mt_oserr *e, const char *syscall, const char *path, int err)
+{
+    e->syscall = syscall;
+    e->path = path;
+    e->err = err;
+    return -1;
+}
+
+static inline void
+mt_raise_oserr(const mt_oserr *e)
+{
+    mt_raise_os(e->err, e->syscall, e->path);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Readings (platform-neutral shapes).                                      */
+
+typedef struct {
+    double time;
+    uint64_t rss, peak_rss, vms, rss_anon, rss_file, rss_shmem, swap;
+    uint64_t heap_used, heap_free, minor_faults, major_faults;
+} mt_sample;
+
+typedef struct {
+    uint64_t uss, pss, shared;
+} mt_footprint;
+
+/* Which readings this platform lacks: bits for mt_os_missing(). */
+enum {
+    MT_LACKS_HEAP = 1 << 0,
+    MT_LACKS_PSS = 1 << 1,
+    MT_LACKS_SWAP = 1 << 2,
+    MT_LACKS_RSS_SPLIT = 1 << 3, /* rss_anon / rss_file / rss_shmem */
+    MT_LACKS_FAULTS = 1 << 4,
+    MT_LACKS_PEAK_RESET = 1 << 5,
+};
+
+/* ------------------------------------------------------------------------ */
+/* peak.c: the exact-peak machinery, shared by phases and reset_peak().     */
+
+typedef enum {
+    MT_PEAK_KERNEL = 0,  /* kernel high-water mark, reset per phase: exact */
+    MT_PEAK_SAMPLER = 1, /* native sampling thread: bounded error */
+} mt_peak_method;
+
+int mt_peak_init(mt_oserr *e);
+mt_peak_method mt_peak_method_in_force(void);
+const char *mt_peak_fallback_reason(void);
+double mt_peak_sampler_interval(void);
+/* Force the sampler (MEMTRACK_PEAK=sampler, or a refused reset). */
+int mt_peak_use_sampler(const char *reason, mt_oserr *e);
+/* Both need phase_lock held (see phase.c): they fold into open phases. */
+int mt_peak_read_locked(uint64_t *peak, mt_oserr *e);
+int mt_peak_reset_locked(uint64_t *rss_after, mt_oserr *e);
+void mt_peak_after_fork_child(void);
+
+/* ------------------------------------------------------------------------ */
+/* phase.c: the phase stack, the open-phase registry, records and summary.   */
+
+extern mtx_t mt_phase_lock;
+extern atomic_bool mt_disabled;
+int mt_phase_init(void);
+void mt_phase_after_fork_child(void);
+/* Fold a high-water mark into every open phase; phase_lock held. */
+void mt_phase_fold_locked(uint64_t hwm);
+int mt_phase_open_locked(void); /* any phase open? phase_lock held */
+extern PyType_Spec mt_phase_spec;
+PyObject *mt_summary(PyObject *module, PyObject *unused);
+PyObject *mt_records(PyObject *module, PyObject *unused);
+PyObject *mt_reset(PyObject *module, PyObject *unused);
+PyObject *mt_configure(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *mt_pack_phase_records(PyObject *module, PyObject *unused);
+PyObject *mt_phase_counters(PyObject *module, PyObject *unused);
+
+/* ------------------------------------------------------------------------ */
+/* pack.c: msgpack through msgpack-c.                                        */
+
+/* readings.c */
+PyObject *mt_rss(PyObject *module, PyObject *unused);
+PyObject *mt_peak_rss(PyObject *module, PyObject *unused);
+PyObject *mt_reset_peak(PyObject *module, PyObject *unused);
+PyObject *mt_snapshot(PyObject *module, PyObject *unused);
+PyObject *mt_footprint_py(PyObject *module, PyObject *unused);
+PyObject *mt_capabilities(PyObject *module, PyObject *unused);
+
+PyObject *mt_pack(PyObject *module, PyObject *obj);
+PyObject *mt_unpack_stream(PyObject *module, PyObject *data);
+
+/* pack.c helpers that phase.c uses to write records without Python objects */
+typedef struct mt_packer mt_packer;
+mt_packer *mt_packer_new(void);
+void mt_packer_free(mt_packer *p);
+PyObject *mt_packer_bytes(mt_packer *p);
+int mt_pack_map(mt_packer *p, size_t n);
+int mt_pack_array(mt_packer *p, size_t n);
+int mt_pack_key(mt_packer *p, const char *key);
+int mt_pack_str(mt_packer *p, const char *s, size_t len);
+int mt_pack_u64(mt_packer *p, uint64_t v);
+int mt_pack_i64(mt_packer *p, int64_t v);
+int mt_pack_double(mt_packer *p, double v);
+int mt_pack_nil(mt_packer *p);
+
+/* ------------------------------------------------------------------------ */
+/* The platform interface: csrc/platform/<os>/ implements these and nothing   */
+/* else in csrc/ talks to the OS. All return 0, or -1 with *e filled in.     */
+
+int mt_os_init(mt_oserr *e);       /* open the descriptors kept open */
+void mt_os_after_fork_child(void); /* reopen them in a forked child */
+int mt_os_register_atfork(void (*prepare)(void), void (*parent)(void), void (*child)(void));
+unsigned mt_os_missing(void);      /* MT_LACKS_* bits */
+double mt_os_monotonic(void);
+long mt_os_pid(void);
+int mt_os_rss(uint64_t *rss, mt_oserr *e);        /* fast path */
+int mt_os_hwm(uint64_t *hwm, mt_oserr *e);        /* fast, may be stale: see peak.c */
+int mt_os_hwm_exact(uint64_t *hwm, mt_oserr *e);  /* slow, never stale */
+int mt_os_reset_hwm(mt_oserr *e);
+int mt_os_heap(uint64_t *used, uint64_t *free_bytes);
+int mt_os_sample(mt_sample *s, mt_oserr *e);
+int mt_os_footprint(mt_footprint *f, mt_oserr *e);
+void mt_os_sleep(double seconds);
+
+#endif /* MEMTRACK_H */

@@ -1,0 +1,318 @@
+/*
+ * memtrack._core: module definition (PEP 489 multi-phase init), module
+ * state with heap types, and the one place OSErrors are raised.
+ */
+#include "memtrack.h"
+
+#include <string.h>
+
+void
+mt_raise_os(int err, const char *syscall, const char *path)
+{
+    PyObject *exc;
+    if (path != NULL) {
+        exc = PyObject_CallFunction(PyExc_OSError, "(isz)", err, strerror(err), path);
+    }
+    else {
+        exc = PyObject_CallFunction(PyExc_OSError, "(is)", err, strerror(err));
+    }
+    if (exc == NULL) {
+        return;
+    }
+    /* OSError(errno, ...) is already the errno subclass; add the call. */
+    PyObject *msg = PyUnicode_FromFormat("%s failed: %s", syscall, strerror(err));
+    if (msg != NULL) {
+        PyObject_SetAttrString(exc, "strerror", msg);
+        Py_DECREF(msg);
+    }
+    PyObject *name = PyUnicode_FromString(syscall);
+    if (name != NULL) {
+        PyObject_SetAttrString(exc, "syscall", name);
+        Py_DECREF(name);
+    }
+    PyErr_Clear();
+    PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+    Py_DECREF(exc);
+}
+
+mt_state *
+mt_state_from_type(PyTypeObject *tp)
+{
+    PyObject *module = PyType_GetModuleByDef(tp, &mt_module_def);
+    return module ? PyModule_GetState(module) : NULL;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Process-wide set-up: once per process, whatever the number of modules.   */
+
+static void
+before_fork(void)
+{
+    mtx_lock(&mt_phase_lock); /* fork with the phase state consistent */
+}
+
+static void
+after_fork_parent(void)
+{
+    mtx_unlock(&mt_phase_lock);
+}
+
+static void
+after_fork_child(void)
+{
+    /* One thread, no GIL requirements: reset C state only. */
+    mtx_unlock(&mt_phase_lock);
+    mt_os_after_fork_child();
+    mt_peak_after_fork_child();
+    mt_phase_after_fork_child();
+}
+
+static once_flag process_once = ONCE_FLAG_INIT;
+static int process_init_failed;
+static mt_oserr process_init_error;
+
+static void
+init_process(void)
+{
+    if (mt_phase_init() < 0) {
+        process_init_failed = 1;
+        mt_fail(&process_init_error, "malloc", NULL, ENOMEM);
+        return;
+    }
+    if (mt_os_init(&process_init_error) < 0 || mt_peak_init(&process_init_error) < 0) {
+        process_init_failed = 1;
+        return;
+    }
+    if (mt_os_register_atfork(before_fork, after_fork_parent, after_fork_child) != 0) {
+        process_init_failed = 1;
+        mt_fail(&process_init_error, "pthread_atfork", NULL, ENOMEM);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Types                                                                     */
+
+static PyStructSequence_Field sample_fields[] = {
+    {"time", "monotonic seconds (time.monotonic clock)"},
+    {"rss", "resident set size, bytes"},
+    {"peak_rss", "high-water mark of rss since the last reset, bytes"},
+    {"vms", "virtual memory size, bytes"},
+    {"rss_anon", "resident anonymous memory, bytes"},
+    {"rss_file", "resident file-backed memory, bytes"},
+    {"rss_shmem", "resident shared memory, bytes"},
+    {"swap", "swapped-out anonymous memory, bytes"},
+    {"heap_used", "malloc heap in use (mallinfo2), bytes"},
+    {"heap_free", "malloc heap free but not returned to the OS, bytes"},
+    {"minor_faults", "page faults served without I/O"},
+    {"major_faults", "page faults that needed I/O"},
+    {NULL, NULL},
+};
+
+static PyStructSequence_Field footprint_fields[] = {
+    {"uss", "unique set size: pages only this process maps, bytes"},
+    {"pss", "proportional set size: shared pages divided among sharers, bytes"},
+    {"shared", "resident pages shared with other processes, bytes"},
+    {NULL, NULL},
+};
+
+static PyStructSequence_Field phase_stats_fields[] = {
+    {"name", "the phase name"},
+    {"path", "the names of the enclosing phases and this one, joined by '/'"},
+    {"pid", "process id"},
+    {"thread_id", "threading.get_ident() of the thread that ran it"},
+    {"start", "monotonic seconds at entry"},
+    {"duration", "seconds"},
+    {"rss_start", "rss at entry, bytes"},
+    {"rss_end", "rss at exit, bytes"},
+    {"rss_delta", "rss_end - rss_start: memory the phase retained, bytes"},
+    {"peak_rss", "exact rss high-water mark during the phase, bytes"},
+    {"peak_delta", "peak_rss - rss_start, bytes"},
+    {"heap_delta", "change of malloc heap in use, bytes"},
+    {"error", "name of the exception that ended the phase, or None"},
+    {NULL, NULL},
+};
+
+static PyStructSequence_Field phase_summary_fields[] = {
+    {"count", "completed runs"},
+    {"total_time", "seconds, summed"},
+    {"max_peak_rss", "largest peak_rss, bytes"},
+    {"max_peak_delta", "largest peak_delta, bytes"},
+    {"total_rss_delta", "rss_delta summed, bytes"},
+    {"mean_rss_delta", "total_rss_delta / count, bytes"},
+    {NULL, NULL},
+};
+
+static PyStructSequence_Desc sample_desc = {"memtrack.Sample",
+    "Sample: one reading of this process's memory (bytes unless said).", sample_fields, 12};
+static PyStructSequence_Desc footprint_desc = {"memtrack.Footprint",
+    "Footprint: private and proportional memory of this process.", footprint_fields, 3};
+static PyStructSequence_Desc phase_stats_desc = {"memtrack.PhaseStats",
+    "PhaseStats: one completed phase.", phase_stats_fields, 13};
+static PyStructSequence_Desc phase_summary_desc = {"memtrack.PhaseSummary",
+    "PhaseSummary: the totals of every completed run of one phase path.",
+    phase_summary_fields, 6};
+
+/* ------------------------------------------------------------------------ */
+/* Module                                                                    */
+
+static PyObject *
+mt_set_disabled(PyObject *module, PyObject *flag)
+{
+    int v = PyObject_IsTrue(flag);
+    if (v < 0) {
+        return NULL;
+    }
+    atomic_store(&mt_disabled, v != 0);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mt_use_sampler(PyObject *module, PyObject *reason)
+{
+    if (!PyUnicode_Check(reason)) {
+        PyErr_SetString(PyExc_TypeError, "reason must be a str");
+        return NULL;
+    }
+    const char *text = PyUnicode_AsUTF8(reason);
+    if (text == NULL) {
+        return NULL;
+    }
+    mt_oserr e;
+    mtx_lock(&mt_phase_lock);
+    int rc = mt_peak_use_sampler(text, &e);
+    mtx_unlock(&mt_phase_lock);
+    if (rc < 0) {
+        mt_raise_oserr(&e);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"rss", mt_rss, METH_NOARGS, "rss() -> int: resident set size in bytes (fast)."},
+    {"peak_rss", mt_peak_rss, METH_NOARGS,
+     "peak_rss() -> int: rss high-water mark since the last reset_peak(), bytes."},
+    {"reset_peak", mt_reset_peak, METH_NOARGS,
+     "reset_peak(): restart the high-water mark at the current rss."},
+    {"snapshot", mt_snapshot, METH_NOARGS, "snapshot() -> Sample."},
+    {"footprint", mt_footprint_py, METH_NOARGS, "footprint() -> Footprint (uss, pss, shared)."},
+    {"capabilities", mt_capabilities, METH_NOARGS,
+     "capabilities() -> dict: peak method in force, readings this platform lacks."},
+    {"summary", mt_summary, METH_NOARGS, "summary() -> {path: PhaseSummary}."},
+    {"records", mt_records, METH_NOARGS, "records() -> (list of PhaseStats, dropped)."},
+    {"reset", mt_reset, METH_NOARGS, "reset(): forget records and summary."},
+    {"configure", (PyCFunction)(void (*)(void))mt_configure, METH_VARARGS | METH_KEYWORDS,
+     "configure(*, max_records=None) -> dict of the settings in force."},
+    {"counters", mt_phase_counters, METH_NOARGS, "counters() -> dict of table sizes."},
+    {"pack", mt_pack, METH_O, "pack(obj) -> bytes: msgpack via msgpack-c."},
+    {"pack_phase_records", mt_pack_phase_records, METH_NOARGS,
+     "pack_phase_records() -> (bytes, dropped): the records as msgpack maps."},
+    {"unpack_stream", mt_unpack_stream, METH_O,
+     "unpack_stream(data) -> (objects, consumed, error or None)."},
+    {"set_disabled", mt_set_disabled, METH_O, "set_disabled(flag): MEMTRACK_DISABLE."},
+    {"use_sampler", mt_use_sampler, METH_O,
+     "use_sampler(reason): keep peaks with the sampling thread from now on."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+add_type(PyObject *module, PyTypeObject **slot, PyStructSequence_Desc *desc)
+{
+    *slot = PyStructSequence_NewType(desc);
+    if (*slot == NULL) {
+        return -1;
+    }
+    const char *name = strrchr(desc->name, '.') + 1;
+    return PyModule_AddObjectRef(module, name, (PyObject *)*slot);
+}
+
+static int
+module_exec(PyObject *module)
+{
+    mt_state *st = PyModule_GetState(module);
+    call_once(&process_once, init_process);
+    if (process_init_failed) {
+        mt_raise_oserr(&process_init_error);
+        return -1;
+    }
+    if (add_type(module, &st->Sample, &sample_desc) < 0
+        || add_type(module, &st->Footprint, &footprint_desc) < 0
+        || add_type(module, &st->PhaseStats, &phase_stats_desc) < 0
+        || add_type(module, &st->PhaseSummary, &phase_summary_desc) < 0) {
+        return -1;
+    }
+    st->Phase = (PyTypeObject *)PyType_FromModuleAndSpec(module, &mt_phase_spec, NULL);
+    if (st->Phase == NULL || PyModule_AddObjectRef(module, "Phase", (PyObject *)st->Phase) < 0) {
+        return -1;
+    }
+    st->ProfileError = PyErr_NewExceptionWithDoc(
+        "memtrack.ProfileError", "A profile file is truncated, corrupt or not a memtrack profile.",
+        PyExc_ValueError, NULL);
+    if (st->ProfileError == NULL
+        || PyModule_AddObjectRef(module, "ProfileError", st->ProfileError) < 0) {
+        return -1;
+    }
+    if (PyModule_AddStringConstant(module, "__version__", MT_VERSION) < 0
+        || PyModule_AddIntConstant(module, "MAX_NAME", MT_MAX_NAME) < 0
+        || PyModule_AddIntConstant(module, "MAX_DEPTH", MT_MAX_DEPTH) < 0
+        || PyModule_AddIntConstant(module, "MAX_PATH", MT_MAX_PATH) < 0
+        || PyModule_AddIntConstant(module, "MAX_PATHS", MT_MAX_PATHS) < 0) {
+        return -1;
+    }
+    return 0;
+}
+
+static int
+module_traverse(PyObject *module, visitproc visit, void *arg)
+{
+    mt_state *st = PyModule_GetState(module);
+    Py_VISIT(st->Sample);
+    Py_VISIT(st->Footprint);
+    Py_VISIT(st->PhaseStats);
+    Py_VISIT(st->PhaseSummary);
+    Py_VISIT(st->Phase);
+    Py_VISIT(st->ProfileError);
+    return 0;
+}
+
+static int
+module_clear(PyObject *module)
+{
+    mt_state *st = PyModule_GetState(module);
+    Py_CLEAR(st->Sample);
+    Py_CLEAR(st->Footprint);
+    Py_CLEAR(st->PhaseStats);
+    Py_CLEAR(st->PhaseSummary);
+    Py_CLEAR(st->Phase);
+    Py_CLEAR(st->ProfileError);
+    return 0;
+}
+
+static void
+module_free(void *module)
+{
+    module_clear((PyObject *)module);
+}
+
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, module_exec},
+    {0, NULL},
+};
+
+PyModuleDef mt_module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "memtrack._core",
+    .m_doc = "memtrack's C core: readings, exact peaks, phases, msgpack.",
+    .m_size = sizeof(mt_state),
+    .m_methods = module_methods,
+    .m_slots = module_slots,
+    .m_traverse = module_traverse,
+    .m_clear = module_clear,
+    .m_free = module_free,
+};
+
+PyMODINIT_FUNC
+PyInit__core(void)
+{
+    return PyModuleDef_Init(&mt_module_def);
+}

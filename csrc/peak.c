@@ -1,0 +1,201 @@
+/*
+ * Exact peaks. The kernel keeps a high-water mark of RSS per process;
+ * writing 5 to /proc/self/clear_refs resets it to the current RSS. A phase
+ * resets it on entry and reads it on exit. Because phases nest and run in
+ * several threads, every reset first folds the current mark into every open
+ * phase (mt_phase_fold_locked), so no phase loses a peak to another's reset.
+ *
+ * Where the reset is refused, a native thread samples RSS (without the GIL)
+ * and keeps a software mark instead: the error is bounded by what can be
+ * allocated and freed within one sampling interval.
+ */
+#include "memtrack.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Slack for the sticky-floor test below: RSS may grow between two reads. */
+#define STICKY_SLACK (64u * 1024u)
+#define SAMPLER_INTERVAL 0.001
+
+static struct {
+    /* Written under phase_lock; read anywhere (capabilities()). */
+    _Atomic int method;
+    char reason[160]; /* Protected by phase_lock (written once per switch). */
+    /* getrusage's ru_maxrss also holds signal->maxrss, raised by every
+     * thread exit and never reset. When the value read right after a reset
+     * is above RSS, it is that floor, and a later reading at or below it
+     * says nothing: the exact (slow) /proc/self/status read is used then.
+     * Protected by phase_lock. */
+    uint64_t sticky_floor;
+    /* The sampler's high-water mark: raised by the sampler thread, lowered
+     * by a reset under phase_lock; atomic so that both can touch it. */
+    _Atomic uint64_t soft_hwm;
+    _Atomic bool sampler_running; /* cleared to stop, and in a forked child */
+    thrd_t sampler;               /* Protected by phase_lock. */
+    double interval;              /* Written once at init. */
+} peak = {.method = MT_PEAK_KERNEL, .interval = SAMPLER_INTERVAL};
+
+static void
+raise_soft_hwm(uint64_t value)
+{
+    uint64_t seen = atomic_load(&peak.soft_hwm);
+    while (value > seen && !atomic_compare_exchange_weak(&peak.soft_hwm, &seen, value)) {
+    }
+}
+
+static int
+sampler_main(void *unused)
+{
+    (void)unused;
+    while (atomic_load(&peak.sampler_running)) {
+        uint64_t rss;
+        mt_oserr e;
+        if (mt_os_rss(&rss, &e) == 0) {
+            raise_soft_hwm(rss);
+        }
+        mt_os_sleep(peak.interval);
+    }
+    return 0;
+}
+
+/* phase_lock held, or no other thread can run (init). */
+static int
+start_sampler(mt_oserr *e)
+{
+    if (atomic_load(&peak.sampler_running)) {
+        return 0;
+    }
+    uint64_t rss;
+    if (mt_os_rss(&rss, e) < 0) {
+        return -1;
+    }
+    atomic_store(&peak.soft_hwm, rss);
+    atomic_store(&peak.sampler_running, true);
+    if (thrd_create(&peak.sampler, sampler_main, NULL) != thrd_success) {
+        atomic_store(&peak.sampler_running, false);
+        return mt_fail(e, "pthread_create", NULL, EAGAIN);
+    }
+    thrd_detach(peak.sampler);
+    return 0;
+}
+
+int
+mt_peak_use_sampler(const char *reason, mt_oserr *e)
+{
+    snprintf(peak.reason, sizeof peak.reason, "%s", reason);
+    atomic_store(&peak.method, MT_PEAK_SAMPLER);
+    return start_sampler(e);
+}
+
+int
+mt_peak_init(mt_oserr *e)
+{
+    const char *forced = getenv("MEMTRACK_PEAK");
+    const char *interval = getenv("MEMTRACK_SAMPLER_INTERVAL");
+    if (interval != NULL) {
+        double v = strtod(interval, NULL);
+        if (v >= 1e-5 && v <= 1.0) {
+            peak.interval = v;
+        }
+    }
+    if (forced != NULL && strcmp(forced, "sampler") == 0) {
+        return mt_peak_use_sampler("MEMTRACK_PEAK=sampler", e);
+    }
+    mt_oserr refused;
+    if (mt_os_reset_hwm(&refused) < 0) {
+        char reason[160];
+        snprintf(reason, sizeof reason, "%s %s refused: %s", refused.syscall,
+                 refused.path ? refused.path : "", strerror(refused.err));
+        return mt_peak_use_sampler(reason, e);
+    }
+    return 0;
+}
+
+mt_peak_method
+mt_peak_method_in_force(void)
+{
+    return (mt_peak_method)atomic_load(&peak.method);
+}
+
+const char *
+mt_peak_fallback_reason(void)
+{
+    return mt_peak_method_in_force() == MT_PEAK_SAMPLER ? peak.reason : NULL;
+}
+
+double
+mt_peak_sampler_interval(void)
+{
+    return peak.interval;
+}
+
+int
+mt_peak_read_locked(uint64_t *out, mt_oserr *e)
+{
+    uint64_t hwm;
+    if (mt_peak_method_in_force() == MT_PEAK_SAMPLER) {
+        if (start_sampler(e) < 0 || mt_os_rss(&hwm, e) < 0) {
+            return -1;
+        }
+        raise_soft_hwm(hwm);
+        *out = atomic_load(&peak.soft_hwm);
+        return 0;
+    }
+    if (mt_os_hwm(&hwm, e) < 0) {
+        return -1;
+    }
+    if (peak.sticky_floor != 0 && hwm <= peak.sticky_floor && mt_os_hwm_exact(&hwm, e) < 0) {
+        return -1;
+    }
+    *out = hwm;
+    return 0;
+}
+
+int
+mt_peak_reset_locked(uint64_t *rss_after, mt_oserr *e)
+{
+    uint64_t hwm, rss;
+    if (mt_phase_open_locked()) {
+        if (mt_peak_read_locked(&hwm, e) < 0) {
+            return -1;
+        }
+        mt_phase_fold_locked(hwm);
+    }
+    if (mt_peak_method_in_force() == MT_PEAK_KERNEL) {
+        mt_oserr refused;
+        if (mt_os_reset_hwm(&refused) < 0) {
+            /* Refused now (a seccomp filter installed later, say): switch. */
+            char reason[160];
+            snprintf(reason, sizeof reason, "%s %s refused: %s", refused.syscall,
+                     refused.path ? refused.path : "", strerror(refused.err));
+            if (mt_peak_use_sampler(reason, e) < 0) {
+                return -1;
+            }
+        }
+    }
+    if (mt_os_rss(&rss, e) < 0) {
+        return -1;
+    }
+    if (mt_peak_method_in_force() == MT_PEAK_SAMPLER) {
+        atomic_store(&peak.soft_hwm, rss);
+    }
+    else {
+        if (mt_os_hwm(&hwm, e) < 0) {
+            return -1;
+        }
+        peak.sticky_floor = hwm > rss + STICKY_SLACK ? hwm : 0;
+    }
+    *rss_after = rss;
+    return 0;
+}
+
+void
+mt_peak_after_fork_child(void)
+{
+    /* The sampler thread did not survive fork(); the next read restarts it.
+     * The child's kernel mark starts fresh, so no floor carries over. */
+    atomic_store(&peak.sampler_running, false);
+    peak.sticky_floor = 0;
+}

@@ -1,0 +1,884 @@
+/*
+ * Phases: `with memtrack.phase("parse"):` in C.
+ *
+ * Each thread has its own stack of open phases (a chain through
+ * frame->parent from a thread-local top). All open phases of the process
+ * are also in one registry, so that a peak reset by any thread first folds
+ * the current high-water mark into all of them (see peak.c). Paths are
+ * interned once ("index/parse" -> id) and the per-path summary lives next to
+ * the interned path, so entering and leaving a known path allocates nothing.
+ * Finished phases go to a bounded ring of records.
+ */
+#include "memtrack.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define ROOT_ID 0u           /* parent of outermost phases */
+#define ERROR_PARENT 0xFFFFFFFFu /* interned exception names hang here */
+#define OVERFLOW_ID 1u       /* "(overflow)": used when the path table is full */
+
+typedef struct {
+    uint32_t parent;
+    uint32_t depth;
+    uint64_t hash;
+    char *name; /* malloc'd, never freed: pointers to it outlive the lock */
+    size_t name_len;
+    char *path; /* malloc'd, never freed */
+    size_t path_len;
+    /* The summary of this path. */
+    uint64_t count;
+    double total_time;
+    uint64_t max_peak_rss;
+    uint64_t max_peak_delta;
+    int64_t total_rss_delta;
+} mt_path;
+
+typedef struct {
+    uint32_t path_id;
+    uint32_t error_id; /* 0: none */
+    long pid;
+    unsigned long thread_id;
+    double start, duration;
+    uint64_t rss_start, rss_end, peak_rss;
+    int64_t heap_delta;
+} mt_record;
+
+typedef struct mt_frame {
+    struct mt_frame *prev, *next; /* registry links: Protected by phase_lock */
+    struct mt_frame *parent;      /* enclosing phase of the same thread */
+    uint64_t peak;                /* Protected by phase_lock (folded by others) */
+    uint32_t path_id;
+    uint32_t depth;
+    uint64_t rss_start, heap_start;
+    double start;
+    unsigned long thread_id;
+    int orphaned; /* exited by another thread: still on its entry thread's chain */
+} mt_frame;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *name;      /* str */
+    const char *name_utf8; /* owned by name */
+    Py_ssize_t name_len;
+    int active;
+    int done;
+    mt_frame frame;
+    mt_record record; /* valid when done */
+} PhaseObject;
+
+/* The process-wide phase state. It is process-wide by nature (one kernel
+ * high-water mark per process), so it is one static struct rather than
+ * module state. Every field is Protected by mt_phase_lock, except where
+ * a field says otherwise. Never call the Python C API while holding the
+ * lock: it may run the garbage collector, which may enter a phase. */
+mtx_t mt_phase_lock;
+atomic_bool mt_disabled; /* MEMTRACK_DISABLE: read without the lock */
+
+static struct {
+    mt_path *paths; /* paths[0] is the root, paths[1] "(overflow)" */
+    uint32_t npaths, paths_cap;
+    uint32_t *index; /* open addressing: path id or 0 */
+    uint32_t index_cap;
+    uint64_t overflowed;
+    mt_frame open; /* registry sentinel */
+    size_t nopen;
+    mt_record *ring;
+    size_t ring_cap, ring_head, ring_count;
+    uint64_t dropped;
+} ph;
+
+/* This thread's innermost open phase. Only its own thread touches it. */
+static _Thread_local mt_frame *tls_top;
+
+/* ------------------------------------------------------------------------ */
+/* Interned paths                                                            */
+
+static uint64_t
+path_hash(uint32_t parent, const char *name, size_t len)
+{
+    uint64_t h = 1469598103934665603ull ^ parent; /* FNV-1a */
+    for (size_t i = 0; i < len; i++) {
+        h = (h ^ (unsigned char)name[i]) * 1099511628211ull;
+    }
+    return h;
+}
+
+static int
+index_put(uint32_t *index, uint32_t cap, uint64_t hash, uint32_t id)
+{
+    for (uint32_t i = (uint32_t)hash & (cap - 1);; i = (i + 1) & (cap - 1)) {
+        if (index[i] == 0) {
+            index[i] = id;
+            return 0;
+        }
+    }
+}
+
+static int
+grow_locked(void)
+{
+    if (ph.npaths == ph.paths_cap) {
+        uint32_t cap = ph.paths_cap ? ph.paths_cap * 2 : 64;
+        mt_path *p = realloc(ph.paths, cap * sizeof *p);
+        if (p == NULL) {
+            return -1;
+        }
+        ph.paths = p;
+        ph.paths_cap = cap;
+    }
+    if ((uint64_t)ph.npaths * 2 >= ph.index_cap) {
+        uint32_t cap = ph.index_cap ? ph.index_cap * 2 : 128;
+        uint32_t *index = calloc(cap, sizeof *index);
+        if (index == NULL) {
+            return -1;
+        }
+        for (uint32_t id = 1; id < ph.npaths; id++) {
+            index_put(index, cap, ph.paths[id].hash, id);
+        }
+        free(ph.index);
+        ph.index = index;
+        ph.index_cap = cap;
+    }
+    return 0;
+}
+
+/* Add a path entry; returns its id, or 0 when out of memory. */
+static uint32_t
+add_path_locked(uint32_t parent, uint32_t depth, uint64_t hash, const char *name,
+                size_t len)
+{
+    if (grow_locked() < 0) {
+        return 0;
+    }
+    const mt_path *up = parent < ph.npaths ? &ph.paths[parent] : NULL;
+    size_t prefix = (up && up->path_len) ? up->path_len + 1 : 0;
+    char *n = malloc(len + 1);
+    char *p = malloc(prefix + len + 1);
+    if (n == NULL || p == NULL) {
+        free(n);
+        free(p);
+        return 0;
+    }
+    memcpy(n, name, len);
+    n[len] = '\0';
+    if (prefix) {
+        memcpy(p, up->path, up->path_len);
+        p[up->path_len] = '/';
+    }
+    memcpy(p + prefix, name, len);
+    p[prefix + len] = '\0';
+    uint32_t id = ph.npaths++;
+    ph.paths[id] = (mt_path){.parent = parent, .depth = depth, .hash = hash,
+                             .name = n, .name_len = len, .path = p,
+                             .path_len = prefix + len};
+    index_put(ph.index, ph.index_cap, hash, id);
+    return id;
+}
+
+static int
+init_paths_locked(void)
+{
+    if (ph.npaths != 0) {
+        return 0;
+    }
+    if (grow_locked() < 0) {
+        return -1;
+    }
+    ph.paths[0] = (mt_path){0};
+    ph.paths[0].name = ph.paths[0].path = "";
+    ph.npaths = 1;
+    static const char overflow[] = "(overflow)";
+    if (add_path_locked(ROOT_ID, 1, path_hash(ROOT_ID, overflow, sizeof overflow - 1),
+                        overflow, sizeof overflow - 1) != OVERFLOW_ID) {
+        return -1;
+    }
+    return 0;
+}
+
+/* The id of parent/name, added when new. Too deep or too long a path is
+ * recorded under the parent; a full table records under "(overflow)".
+ * Returns 0 only when out of memory. */
+static uint32_t
+intern_locked(uint32_t parent, uint32_t depth, const char *name, size_t len)
+{
+    if (parent != ERROR_PARENT) {
+        if (depth > MT_MAX_DEPTH) {
+            return parent;
+        }
+        if (parent != ROOT_ID && ph.paths[parent].path_len + 1 + len > MT_MAX_PATH) {
+            return parent;
+        }
+    }
+    uint64_t hash = path_hash(parent, name, len);
+    for (uint32_t i = (uint32_t)hash & (ph.index_cap - 1);; i = (i + 1) & (ph.index_cap - 1)) {
+        uint32_t id = ph.index[i];
+        if (id == 0) {
+            break;
+        }
+        const mt_path *p = &ph.paths[id];
+        if (p->hash == hash && p->parent == parent && p->name_len == len
+            && memcmp(p->name, name, len) == 0) {
+            return id;
+        }
+    }
+    if (ph.npaths >= MT_MAX_PATHS) {
+        ph.overflowed++;
+        return OVERFLOW_ID;
+    }
+    return add_path_locked(parent, depth, hash, name, len);
+}
+
+/* ------------------------------------------------------------------------ */
+/* The open-phase registry                                                   */
+
+int
+mt_phase_open_locked(void)
+{
+    return ph.nopen != 0;
+}
+
+void
+mt_phase_fold_locked(uint64_t hwm)
+{
+    for (mt_frame *f = ph.open.next; f != &ph.open; f = f->next) {
+        if (hwm > f->peak) {
+            f->peak = hwm;
+        }
+    }
+}
+
+static void
+link_locked(mt_frame *f)
+{
+    f->prev = ph.open.prev;
+    f->next = &ph.open;
+    ph.open.prev->next = f;
+    ph.open.prev = f;
+    ph.nopen++;
+}
+
+static void
+unlink_locked(mt_frame *f)
+{
+    f->prev->next = f->next;
+    f->next->prev = f->prev;
+    f->prev = f->next = NULL;
+    ph.nopen--;
+}
+
+static void
+record_locked(const mt_record *r)
+{
+    mt_path *p = &ph.paths[r->path_id];
+    uint64_t delta = r->peak_rss > r->rss_start ? r->peak_rss - r->rss_start : 0;
+    p->count++;
+    p->total_time += r->duration;
+    if (r->peak_rss > p->max_peak_rss) {
+        p->max_peak_rss = r->peak_rss;
+    }
+    if (delta > p->max_peak_delta) {
+        p->max_peak_delta = delta;
+    }
+    p->total_rss_delta += (int64_t)r->rss_end - (int64_t)r->rss_start;
+
+    if (ph.ring == NULL && ph.ring_cap != 0) {
+        ph.ring = malloc(ph.ring_cap * sizeof *ph.ring);
+    }
+    if (ph.ring == NULL) {
+        ph.dropped++;
+        return;
+    }
+    size_t slot = (ph.ring_head + ph.ring_count) % ph.ring_cap;
+    ph.ring[slot] = *r;
+    if (ph.ring_count < ph.ring_cap) {
+        ph.ring_count++;
+    }
+    else {
+        ph.ring_head = (ph.ring_head + 1) % ph.ring_cap;
+        ph.dropped++;
+    }
+}
+
+int
+mt_phase_init(void)
+{
+    if (mtx_init(&mt_phase_lock, mtx_plain) != thrd_success) {
+        return -1;
+    }
+    ph.open.next = ph.open.prev = &ph.open;
+    ph.ring_cap = MT_DEFAULT_RECORDS;
+    return init_paths_locked();
+}
+
+void
+mt_phase_after_fork_child(void)
+{
+    /* Only the forking thread lives on: drop the other threads' phases, and
+     * start the child's records and summary empty (they describe the
+     * child's own work). The phases open in this thread carry on. */
+    unsigned long me = PyThread_get_thread_ident();
+    for (mt_frame *f = ph.open.next, *next; f != &ph.open; f = next) {
+        next = f->next;
+        if (f->thread_id != me) {
+            unlink_locked(f);
+        }
+    }
+    for (uint32_t id = 0; id < ph.npaths; id++) {
+        mt_path *p = &ph.paths[id];
+        p->count = 0;
+        p->total_time = 0;
+        p->max_peak_rss = p->max_peak_delta = 0;
+        p->total_rss_delta = 0;
+    }
+    ph.ring_head = ph.ring_count = 0;
+    ph.dropped = 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* The Phase type                                                            */
+
+static int
+phase_init(PhaseObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"name", NULL};
+    PyObject *name;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:phase", kwlist, &name)) {
+        return -1;
+    }
+    if (self->active) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot re-initialise an active phase");
+        return -1;
+    }
+    if (!PyUnicode_Check(name)) {
+        PyErr_Format(PyExc_TypeError, "phase name must be a str, not %.100s",
+                     Py_TYPE(name)->tp_name);
+        return -1;
+    }
+    Py_ssize_t len;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(name, &len);
+    if (utf8 == NULL) {
+        return -1; /* lone surrogates: UnicodeEncodeError says which */
+    }
+    if (len == 0) {
+        PyErr_SetString(PyExc_ValueError, "phase name must not be empty");
+        return -1;
+    }
+    if (len > MT_MAX_NAME) {
+        PyErr_Format(PyExc_ValueError,
+                     "phase name is %zd UTF-8 bytes long; the limit is %d", len,
+                     MT_MAX_NAME);
+        return -1;
+    }
+    Py_INCREF(name);
+    Py_XSETREF(self->name, name);
+    self->name_utf8 = utf8;
+    self->name_len = len;
+    self->done = 0;
+    return 0;
+}
+
+static int
+phase_traverse(PhaseObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    return 0;
+}
+
+static void
+phase_dealloc(PhaseObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    Py_CLEAR(self->name);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+phase_enter(PhaseObject *self, PyObject *unused)
+{
+    mt_frame *f = &self->frame;
+    mt_oserr e;
+    uint64_t rss = 0;
+    int rc = 0;
+
+    if (atomic_load_explicit(&mt_disabled, memory_order_relaxed)) {
+        return Py_NewRef(self);
+    }
+    if (self->name == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "phase was not initialised");
+        return NULL;
+    }
+    if (self->active || f->orphaned) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "phase %R is %s; enter a new phase object instead", self->name,
+                     self->active ? "already active" : "still open in the thread that entered it");
+        return NULL;
+    }
+    while (tls_top != NULL && tls_top->orphaned) {
+        tls_top = tls_top->parent; /* skip phases other threads ended */
+    }
+    mt_frame *parent = tls_top;
+    f->parent = parent;
+    f->depth = parent ? parent->depth + 1 : 1;
+    f->thread_id = PyThread_get_thread_ident();
+
+    mtx_lock(&mt_phase_lock);
+    f->path_id = intern_locked(parent ? parent->path_id : ROOT_ID, f->depth,
+                               self->name_utf8, (size_t)self->name_len);
+    if (f->path_id == 0) {
+        rc = -2;
+    }
+    else if ((rc = mt_peak_reset_locked(&rss, &e)) == 0) {
+        f->rss_start = rss;
+        f->peak = rss;
+        link_locked(f);
+    }
+    mtx_unlock(&mt_phase_lock);
+
+    if (rc == -2) {
+        return PyErr_NoMemory();
+    }
+    if (rc < 0) {
+        mt_raise_oserr(&e);
+        return NULL;
+    }
+    uint64_t heap_free;
+    mt_os_heap(&f->heap_start, &heap_free);
+    f->start = mt_os_monotonic();
+    tls_top = f;
+    self->active = 1;
+    self->done = 0;
+    Py_INCREF(self); /* an open frame is in the registry: keep it alive */
+    return Py_NewRef(self);
+}
+
+/* Take f out of this thread's chain, wherever it is (exits need not be
+ * strictly nested: generators and tasks interleave). */
+static int
+pop_thread_chain(mt_frame *f)
+{
+    if (tls_top == f) {
+        tls_top = f->parent;
+        return 0;
+    }
+    for (mt_frame *c = tls_top; c != NULL; c = c->parent) {
+        if (c->parent == f) {
+            c->parent = f->parent;
+            return 0;
+        }
+    }
+    /* Entered in another thread, whose chain still points at f: mark it
+     * so that thread skips it, and keep the object alive for good. */
+    f->orphaned = 1;
+    return -1;
+}
+
+static PyObject *
+phase_exit(PhaseObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    mt_frame *f = &self->frame;
+    mt_record *r = &self->record;
+    mt_oserr e;
+    uint64_t hwm = 0, rss = 0, heap = 0, heap_free;
+    int rc;
+
+    if (!self->active) {
+        if (atomic_load_explicit(&mt_disabled, memory_order_relaxed)) {
+            Py_RETURN_FALSE;
+        }
+        PyErr_SetString(PyExc_RuntimeError, "phase is not active");
+        return NULL;
+    }
+    double end = mt_os_monotonic();
+    mt_os_heap(&heap, &heap_free);
+    const char *error = NULL;
+    if (nargs > 0 && args[0] != Py_None && PyType_Check(args[0])) {
+        error = ((PyTypeObject *)args[0])->tp_name;
+        const char *dot = strrchr(error, '.');
+        error = dot ? dot + 1 : error;
+    }
+
+    mtx_lock(&mt_phase_lock);
+    rc = mt_peak_read_locked(&hwm, &e);
+    if (rc == 0) {
+        rc = mt_os_rss(&rss, &e);
+    }
+    if (hwm > f->peak) {
+        f->peak = hwm;
+    }
+    if (rss > f->peak) {
+        f->peak = rss;
+    }
+    unlink_locked(f);
+    *r = (mt_record){
+        .path_id = f->path_id,
+        .error_id = error ? intern_locked(ERROR_PARENT, 0, error, strlen(error)) : 0,
+        .pid = mt_os_pid(),
+        .thread_id = f->thread_id,
+        .start = f->start,
+        .duration = end - f->start,
+        .rss_start = f->rss_start,
+        .rss_end = rc == 0 ? rss : f->rss_start,
+        .peak_rss = f->peak,
+        .heap_delta = (int64_t)heap - (int64_t)f->heap_start,
+    };
+    record_locked(r);
+    mtx_unlock(&mt_phase_lock);
+
+    int orphaned = pop_thread_chain(f) < 0;
+    self->active = 0;
+    self->done = 1;
+    if (!orphaned) {
+        Py_DECREF(self); /* the reference taken by __enter__; the caller holds one */
+    }
+    if (rc < 0) {
+        mt_raise_oserr(&e);
+        return NULL;
+    }
+    Py_RETURN_FALSE;
+}
+
+/* Fill `out` (PhaseStats) from a record; the path strings are stable. */
+static PyObject *
+stats_from_record(PyTypeObject *tp, const mt_record *r, const char *name,
+                  const char *path, const char *error)
+{
+    PyObject *s = PyStructSequence_New(tp);
+    if (s == NULL) {
+        return NULL;
+    }
+    int64_t rss_delta = (int64_t)r->rss_end - (int64_t)r->rss_start;
+    uint64_t peak_delta = r->peak_rss > r->rss_start ? r->peak_rss - r->rss_start : 0;
+    PyObject *items[] = {
+        PyUnicode_DecodeUTF8(name, strlen(name), "replace"),
+        PyUnicode_DecodeUTF8(path, strlen(path), "replace"),
+        PyLong_FromLong(r->pid),
+        PyLong_FromUnsignedLong(r->thread_id),
+        PyFloat_FromDouble(r->start),
+        PyFloat_FromDouble(r->duration),
+        PyLong_FromUnsignedLongLong(r->rss_start),
+        PyLong_FromUnsignedLongLong(r->rss_end),
+        PyLong_FromLongLong(rss_delta),
+        PyLong_FromUnsignedLongLong(r->peak_rss),
+        PyLong_FromUnsignedLongLong(peak_delta),
+        PyLong_FromLongLong(r->heap_delta),
+        error ? PyUnicode_DecodeUTF8(error, strlen(error), "replace") : Py_NewRef(Py_None),
+    };
+    int failed = 0;
+    for (Py_ssize_t i = 0; i < (Py_ssize_t)(sizeof items / sizeof items[0]); i++) {
+        if (items[i] == NULL) {
+            failed = 1;
+        }
+        PyStructSequence_SET_ITEM(s, i, items[i] ? items[i] : Py_NewRef(Py_None));
+    }
+    if (failed) {
+        Py_DECREF(s);
+        return NULL;
+    }
+    return s;
+}
+
+typedef struct {
+    mt_record r;
+    const char *name, *path, *error;
+} mt_named_record;
+
+static void
+name_record_locked(mt_named_record *out, const mt_record *r)
+{
+    out->r = *r;
+    out->name = ph.paths[r->path_id].name;
+    out->path = ph.paths[r->path_id].path;
+    out->error = r->error_id ? ph.paths[r->error_id].name : NULL;
+}
+
+static PyObject *
+phase_get_stats(PhaseObject *self, void *closure)
+{
+    if (!self->done) {
+        Py_RETURN_NONE;
+    }
+    mt_state *st = mt_state_from_type(Py_TYPE(self));
+    if (st == NULL) {
+        return NULL;
+    }
+    mt_named_record nr;
+    mtx_lock(&mt_phase_lock);
+    name_record_locked(&nr, &self->record);
+    mtx_unlock(&mt_phase_lock);
+    return stats_from_record(st->PhaseStats, &nr.r, nr.name, nr.path, nr.error);
+}
+
+static PyObject *
+phase_get_name(PhaseObject *self, void *closure)
+{
+    return Py_NewRef(self->name ? self->name : Py_None);
+}
+
+static PyObject *
+phase_get_active(PhaseObject *self, void *closure)
+{
+    return PyBool_FromLong(self->active);
+}
+
+static PyObject *
+phase_repr(PhaseObject *self)
+{
+    return PyUnicode_FromFormat("<memtrack.phase %R%s>", self->name ? self->name : Py_None,
+                                self->active ? " active" : "");
+}
+
+static PyMethodDef phase_methods[] = {
+    {"__enter__", (PyCFunction)phase_enter, METH_NOARGS, "Start the phase."},
+    {"__exit__", (PyCFunction)(void (*)(void))phase_exit, METH_FASTCALL,
+     "End the phase and record it; exceptions propagate."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef phase_getset[] = {
+    {"stats", (getter)phase_get_stats, NULL,
+     "PhaseStats of the last completed run of this phase, or None.", NULL},
+    {"name", (getter)phase_get_name, NULL, "The phase name.", NULL},
+    {"active", (getter)phase_get_active, NULL, "True between enter and exit.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot phase_slots[] = {
+    {Py_tp_doc, "phase(name): measure the memory of a block of code.\n\n"
+                "A context manager; p.stats is a PhaseStats once the block ends."},
+    {Py_tp_init, phase_init},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_dealloc, phase_dealloc},
+    {Py_tp_traverse, phase_traverse},
+    {Py_tp_methods, phase_methods},
+    {Py_tp_getset, phase_getset},
+    {Py_tp_repr, phase_repr},
+    {0, NULL},
+};
+
+PyType_Spec mt_phase_spec = {
+    .name = "memtrack._core.Phase",
+    .basicsize = sizeof(PhaseObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = phase_slots,
+};
+
+/* ------------------------------------------------------------------------ */
+/* Aggregates                                                                */
+
+PyObject *
+mt_summary(PyObject *module, PyObject *unused)
+{
+    mt_state *st = PyModule_GetState(module);
+    mt_path *copy = NULL;
+    uint32_t n = 0;
+    PyObject *result = NULL;
+
+    mtx_lock(&mt_phase_lock);
+    copy = malloc((ph.npaths ? ph.npaths : 1) * sizeof *copy);
+    if (copy != NULL) {
+        for (uint32_t id = 1; id < ph.npaths; id++) {
+            if (ph.paths[id].count != 0 && ph.paths[id].parent != ERROR_PARENT) {
+                copy[n++] = ph.paths[id];
+            }
+        }
+    }
+    mtx_unlock(&mt_phase_lock);
+    if (copy == NULL) {
+        return PyErr_NoMemory();
+    }
+    result = PyDict_New();
+    for (uint32_t i = 0; result != NULL && i < n; i++) {
+        const mt_path *p = &copy[i];
+        PyObject *s = PyStructSequence_New(st->PhaseSummary);
+        PyObject *key = PyUnicode_DecodeUTF8(p->path, p->path_len, "replace");
+        if (s == NULL || key == NULL) {
+            Py_XDECREF(s);
+            Py_XDECREF(key);
+            Py_CLEAR(result);
+            break;
+        }
+        PyStructSequence_SET_ITEM(s, 0, PyLong_FromUnsignedLongLong(p->count));
+        PyStructSequence_SET_ITEM(s, 1, PyFloat_FromDouble(p->total_time));
+        PyStructSequence_SET_ITEM(s, 2, PyLong_FromUnsignedLongLong(p->max_peak_rss));
+        PyStructSequence_SET_ITEM(s, 3, PyLong_FromUnsignedLongLong(p->max_peak_delta));
+        PyStructSequence_SET_ITEM(s, 4, PyLong_FromLongLong(p->total_rss_delta));
+        PyStructSequence_SET_ITEM(s, 5,
+                                  PyFloat_FromDouble((double)p->total_rss_delta / (double)p->count));
+        int bad = 0;
+        for (int j = 0; j < 6; j++) {
+            bad |= PyStructSequence_GET_ITEM(s, j) == NULL;
+        }
+        if (bad || PyDict_SetItem(result, key, s) < 0) {
+            Py_CLEAR(result);
+        }
+        Py_DECREF(s);
+        Py_DECREF(key);
+    }
+    free(copy);
+    return result;
+}
+
+/* Copy the ring (oldest first) with names resolved; NULL on no memory. */
+static mt_named_record *
+copy_records(size_t *count, uint64_t *dropped)
+{
+    mtx_lock(&mt_phase_lock);
+    size_t n = ph.ring_count;
+    mt_named_record *copy = malloc((n ? n : 1) * sizeof *copy);
+    if (copy != NULL) {
+        for (size_t i = 0; i < n; i++) {
+            name_record_locked(&copy[i], &ph.ring[(ph.ring_head + i) % ph.ring_cap]);
+        }
+        *count = n;
+        *dropped = ph.dropped;
+    }
+    mtx_unlock(&mt_phase_lock);
+    return copy;
+}
+
+PyObject *
+mt_records(PyObject *module, PyObject *unused)
+{
+    mt_state *st = PyModule_GetState(module);
+    size_t n;
+    uint64_t dropped;
+    mt_named_record *copy = copy_records(&n, &dropped);
+    PyObject *list = NULL, *result = NULL;
+    if (copy == NULL) {
+        return PyErr_NoMemory();
+    }
+    list = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; list != NULL && i < n; i++) {
+        PyObject *s = stats_from_record(st->PhaseStats, &copy[i].r, copy[i].name,
+                                        copy[i].path, copy[i].error);
+        if (s == NULL) {
+            Py_CLEAR(list);
+            break;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, s);
+    }
+    if (list != NULL) {
+        result = Py_BuildValue("(NK)", list, (unsigned long long)dropped);
+    }
+    free(copy);
+    return result;
+}
+
+PyObject *
+mt_reset(PyObject *module, PyObject *unused)
+{
+    mtx_lock(&mt_phase_lock);
+    for (uint32_t id = 0; id < ph.npaths; id++) {
+        mt_path *p = &ph.paths[id];
+        p->count = 0;
+        p->total_time = 0;
+        p->max_peak_rss = p->max_peak_delta = 0;
+        p->total_rss_delta = 0;
+    }
+    ph.ring_head = ph.ring_count = 0;
+    ph.dropped = 0;
+    ph.overflowed = 0;
+    mtx_unlock(&mt_phase_lock);
+    Py_RETURN_NONE;
+}
+
+PyObject *
+mt_configure(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"max_records", NULL};
+    Py_ssize_t max_records = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$n:configure", kwlist, &max_records)) {
+        return NULL;
+    }
+    if (max_records != -1) {
+        if (max_records < 1 || (size_t)max_records > SIZE_MAX / sizeof(mt_record)) {
+            PyErr_Format(PyExc_ValueError, "max_records must be at least 1, not %zd",
+                         max_records);
+            return NULL;
+        }
+        mt_record *ring = malloc((size_t)max_records * sizeof *ring);
+        if (ring == NULL) {
+            return PyErr_NoMemory();
+        }
+        mtx_lock(&mt_phase_lock);
+        /* Keep the newest records that fit. */
+        size_t keep = ph.ring_count < (size_t)max_records ? ph.ring_count : (size_t)max_records;
+        size_t skip = ph.ring_count - keep;
+        for (size_t i = 0; i < keep; i++) {
+            ring[i] = ph.ring[(ph.ring_head + skip + i) % ph.ring_cap];
+        }
+        mt_record *old = ph.ring;
+        ph.dropped += skip;
+        ph.ring = ring;
+        ph.ring_cap = (size_t)max_records;
+        ph.ring_head = 0;
+        ph.ring_count = keep;
+        mtx_unlock(&mt_phase_lock);
+        free(old);
+    }
+    mtx_lock(&mt_phase_lock);
+    size_t cap = ph.ring_cap;
+    mtx_unlock(&mt_phase_lock);
+    return Py_BuildValue("{s:n}", "max_records", (Py_ssize_t)cap);
+}
+
+PyObject *
+mt_phase_counters(PyObject *module, PyObject *unused)
+{
+    mtx_lock(&mt_phase_lock);
+    unsigned long long paths = ph.npaths - 2, open = ph.nopen, overflowed = ph.overflowed,
+                       dropped = ph.dropped, records = ph.ring_count;
+    mtx_unlock(&mt_phase_lock);
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K}", "paths", paths, "open", open,
+                         "overflowed", overflowed, "dropped", dropped, "records", records);
+}
+
+/* The records and the summary as msgpack maps (docs/format.md), packed
+ * without building a Python object per record. */
+PyObject *
+mt_pack_phase_records(PyObject *module, PyObject *unused)
+{
+    size_t n;
+    uint64_t dropped;
+    mt_named_record *copy = copy_records(&n, &dropped);
+    mt_packer *pk = NULL;
+    PyObject *result = NULL;
+    if (copy == NULL) {
+        return PyErr_NoMemory();
+    }
+    pk = mt_packer_new();
+    if (pk == NULL) {
+        free(copy);
+        return PyErr_NoMemory();
+    }
+    int rc = 0;
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        const mt_named_record *c = &copy[i];
+        rc |= mt_pack_map(pk, 12);
+        rc |= mt_pack_key(pk, "t") | mt_pack_str(pk, "phase", 5);
+        rc |= mt_pack_key(pk, "name") | mt_pack_str(pk, c->name, strlen(c->name));
+        rc |= mt_pack_key(pk, "path") | mt_pack_str(pk, c->path, strlen(c->path));
+        rc |= mt_pack_key(pk, "pid") | mt_pack_i64(pk, c->r.pid);
+        rc |= mt_pack_key(pk, "thread_id") | mt_pack_u64(pk, c->r.thread_id);
+        rc |= mt_pack_key(pk, "start") | mt_pack_double(pk, c->r.start);
+        rc |= mt_pack_key(pk, "duration") | mt_pack_double(pk, c->r.duration);
+        rc |= mt_pack_key(pk, "rss_start") | mt_pack_u64(pk, c->r.rss_start);
+        rc |= mt_pack_key(pk, "rss_end") | mt_pack_u64(pk, c->r.rss_end);
+        rc |= mt_pack_key(pk, "peak_rss") | mt_pack_u64(pk, c->r.peak_rss);
+        rc |= mt_pack_key(pk, "heap_delta") | mt_pack_i64(pk, c->r.heap_delta);
+        rc |= mt_pack_key(pk, "error");
+        rc |= c->error ? mt_pack_str(pk, c->error, strlen(c->error)) : mt_pack_nil(pk);
+    }
+    free(copy);
+    if (rc != 0) {
+        PyErr_NoMemory();
+    }
+    else {
+        result = Py_BuildValue("(NK)", mt_packer_bytes(pk), (unsigned long long)dropped);
+    }
+    mt_packer_free(pk);
+    return result;
+}

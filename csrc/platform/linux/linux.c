@@ -1,0 +1,326 @@
+/*
+ * Linux readings: /proc/self/{statm,status,smaps_rollup,clear_refs},
+ * getrusage and glibc mallinfo2. The only file in csrc/ that makes syscalls
+ * (with the other csrc/platform/<os>/ folders, when they are built).
+ */
+#define _GNU_SOURCE
+#include "../../memtrack.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <malloc.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PROC_STATM "/proc/self/statm"
+#define PROC_STATUS "/proc/self/status"
+#define PROC_CLEAR_REFS "/proc/self/clear_refs"
+#define PROC_SMAPS_ROLLUP "/proc/self/smaps_rollup"
+#define PROC_SMAPS "/proc/self/smaps"
+
+/* Descriptors kept open for the fast paths. /proc/self resolves when the
+ * file is opened, so a forked child must reopen them or it would read its
+ * parent. Written only by mt_os_init() (under the GIL, before any reader
+ * thread exists) and by the at-fork child handler (one thread alive); read
+ * by any thread without a lock (pread takes an explicit offset). */
+static struct {
+    int statm;
+    int status;
+    int clear_refs;     /* -1 when the kernel refused to open it */
+    int clear_refs_err; /* errno of that refusal */
+    long page_size;
+} os = {-1, -1, -1, 0, 4096};
+
+static int
+open_cloexec(const char *path, int flags)
+{
+    int fd;
+    do {
+        fd = open(path, flags | O_CLOEXEC);
+    } while (fd < 0 && errno == EINTR);
+    return fd;
+}
+
+static void
+close_fd(int *fd)
+{
+    if (*fd >= 0) {
+        close(*fd);
+        *fd = -1;
+    }
+}
+
+static int
+open_all(mt_oserr *e)
+{
+    os.page_size = sysconf(_SC_PAGESIZE);
+    if (os.page_size <= 0) {
+        os.page_size = 4096;
+    }
+    os.statm = open_cloexec(PROC_STATM, O_RDONLY);
+    if (os.statm < 0) {
+        return mt_fail(e, "open", PROC_STATM, errno);
+    }
+    os.status = open_cloexec(PROC_STATUS, O_RDONLY);
+    if (os.status < 0) {
+        return mt_fail(e, "open", PROC_STATUS, errno);
+    }
+    os.clear_refs = open_cloexec(PROC_CLEAR_REFS, O_WRONLY);
+    os.clear_refs_err = os.clear_refs < 0 ? errno : 0;
+    return 0;
+}
+
+int
+mt_os_init(mt_oserr *e)
+{
+    if (os.statm >= 0) {
+        return 0;
+    }
+    return open_all(e);
+}
+
+void
+mt_os_after_fork_child(void)
+{
+    mt_oserr ignored;
+    close_fd(&os.statm);
+    close_fd(&os.status);
+    close_fd(&os.clear_refs);
+    /* A failure here leaves the descriptor at -1; the next read reports it
+     * as an OSError instead of reading the parent's memory. */
+    (void)open_all(&ignored);
+}
+
+int
+mt_os_register_atfork(void (*prepare)(void), void (*parent)(void), void (*child)(void))
+{
+    return pthread_atfork(prepare, parent, child);
+}
+
+unsigned
+mt_os_missing(void)
+{
+    unsigned missing = 0;
+    if (os.clear_refs < 0) {
+        missing |= MT_LACKS_PEAK_RESET;
+    }
+    if (access(PROC_SMAPS_ROLLUP, R_OK) != 0 && access(PROC_SMAPS, R_OK) != 0) {
+        missing |= MT_LACKS_PSS;
+    }
+    return missing;
+}
+
+double
+mt_os_monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+long
+mt_os_pid(void)
+{
+    return (long)getpid();
+}
+
+void
+mt_os_sleep(double seconds)
+{
+    struct timespec ts;
+    ts.tv_sec = (time_t)seconds;
+    ts.tv_nsec = (long)((seconds - (double)ts.tv_sec) * 1e9);
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
+/* pread() the whole small /proc file at fd into buf (NUL-terminated). */
+static ssize_t
+read_proc(int fd, const char *path, char *buf, size_t size, mt_oserr *e)
+{
+    ssize_t n;
+    if (fd < 0) {
+        return mt_fail(e, "open", path, EBADF);
+    }
+    do {
+        n = pread(fd, buf, size - 1, 0);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        return mt_fail(e, "pread", path, errno);
+    }
+    buf[n] = '\0';
+    return n;
+}
+
+int
+mt_os_rss(uint64_t *rss, mt_oserr *e)
+{
+    char buf[128];
+    unsigned long long size = 0, resident = 0;
+    if (read_proc(os.statm, PROC_STATM, buf, sizeof buf, e) < 0) {
+        return -1;
+    }
+    if (sscanf(buf, "%llu %llu", &size, &resident) != 2) {
+        return mt_fail(e, "pread", PROC_STATM, EPROTO);
+    }
+    *rss = (uint64_t)resident * (uint64_t)os.page_size;
+    return 0;
+}
+
+/* getrusage's ru_maxrss is max(mm high-water mark, signal->maxrss). The
+ * kernel raises signal->maxrss whenever a thread exits, so it can sit above
+ * the high-water mark after a reset; peak.c detects that and then uses
+ * mt_os_hwm_exact(). */
+int
+mt_os_hwm(uint64_t *hwm, mt_oserr *e)
+{
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) != 0) {
+        return mt_fail(e, "getrusage", NULL, errno);
+    }
+    *hwm = (uint64_t)ru.ru_maxrss * 1024u;
+    return 0;
+}
+
+/* Value of "Key:   123 kB" in a /proc status-like text, in bytes. */
+static int
+find_kb(const char *text, const char *key, uint64_t *out)
+{
+    size_t klen = strlen(key);
+    const char *p = text;
+    while ((p = strstr(p, key)) != NULL) {
+        if ((p == text || p[-1] == '\n') && p[klen] == ':') {
+            *out = strtoull(p + klen + 1, NULL, 10) * 1024u;
+            return 1;
+        }
+        p += klen;
+    }
+    return 0;
+}
+
+int
+mt_os_hwm_exact(uint64_t *hwm, mt_oserr *e)
+{
+    char buf[8192];
+    if (read_proc(os.status, PROC_STATUS, buf, sizeof buf, e) < 0) {
+        return -1;
+    }
+    if (!find_kb(buf, "VmHWM", hwm)) {
+        return mt_fail(e, "pread", PROC_STATUS, EPROTO);
+    }
+    return 0;
+}
+
+int
+mt_os_reset_hwm(mt_oserr *e)
+{
+    ssize_t n;
+    if (os.clear_refs < 0) {
+        return mt_fail(e, "open", PROC_CLEAR_REFS,
+                       os.clear_refs_err ? os.clear_refs_err : EBADF);
+    }
+    do {
+        n = pwrite(os.clear_refs, "5", 1, 0);
+    } while (n < 0 && errno == EINTR);
+    if (n != 1) {
+        return mt_fail(e, "write", PROC_CLEAR_REFS, n < 0 ? errno : EIO);
+    }
+    return 0;
+}
+
+int
+mt_os_heap(uint64_t *used, uint64_t *free_bytes)
+{
+    struct mallinfo2 mi = mallinfo2();
+    /* uordblks: in-use heap chunks; hblkhd: in-use mmap()ed chunks. */
+    *used = (uint64_t)mi.uordblks + (uint64_t)mi.hblkhd;
+    *free_bytes = (uint64_t)mi.fordblks;
+    return 0;
+}
+
+int
+mt_os_sample(mt_sample *s, mt_oserr *e)
+{
+    char buf[8192];
+    struct rusage ru;
+    memset(s, 0, sizeof *s);
+    s->time = mt_os_monotonic();
+    if (read_proc(os.status, PROC_STATUS, buf, sizeof buf, e) < 0) {
+        return -1;
+    }
+    if (!find_kb(buf, "VmRSS", &s->rss) || !find_kb(buf, "VmHWM", &s->peak_rss)
+        || !find_kb(buf, "VmSize", &s->vms)) {
+        return mt_fail(e, "pread", PROC_STATUS, EPROTO);
+    }
+    /* Present since Linux 4.5 / 2.6.34; absent fields read as 0. */
+    find_kb(buf, "RssAnon", &s->rss_anon);
+    find_kb(buf, "RssFile", &s->rss_file);
+    find_kb(buf, "RssShmem", &s->rss_shmem);
+    find_kb(buf, "VmSwap", &s->swap);
+    if (getrusage(RUSAGE_SELF, &ru) != 0) {
+        return mt_fail(e, "getrusage", NULL, errno);
+    }
+    s->minor_faults = (uint64_t)ru.ru_minflt;
+    s->major_faults = (uint64_t)ru.ru_majflt;
+    mt_os_heap(&s->heap_used, &s->heap_free);
+    return 0;
+}
+
+/* Sum the footprint fields of a smaps or smaps_rollup text stream. */
+static int
+footprint_from(FILE *f, mt_footprint *fp)
+{
+    char line[512];
+    unsigned long long kb;
+    char key[64];
+    int seen = 0;
+    memset(fp, 0, sizeof *fp);
+    while (fgets(line, sizeof line, f) != NULL) {
+        if (sscanf(line, "%63[A-Za-z_]: %llu kB", key, &kb) != 2) {
+            continue;
+        }
+        uint64_t bytes = (uint64_t)kb * 1024u;
+        if (strcmp(key, "Pss") == 0) {
+            fp->pss += bytes;
+            seen = 1;
+        }
+        else if (strcmp(key, "Private_Clean") == 0 || strcmp(key, "Private_Dirty") == 0) {
+            fp->uss += bytes;
+        }
+        else if (strcmp(key, "Shared_Clean") == 0 || strcmp(key, "Shared_Dirty") == 0) {
+            fp->shared += bytes;
+        }
+    }
+    return seen;
+}
+
+int
+mt_os_footprint(mt_footprint *fp, mt_oserr *e)
+{
+    const char *path = PROC_SMAPS_ROLLUP;
+    FILE *f = fopen(path, "re");
+    if (f == NULL && errno == ENOENT) {
+        path = PROC_SMAPS; /* kernels before 4.14 */
+        f = fopen(path, "re");
+    }
+    if (f == NULL) {
+        return mt_fail(e, "open", path, errno);
+    }
+    int seen = footprint_from(f, fp);
+    int failed = ferror(f);
+    int err = errno;
+    fclose(f);
+    if (failed) {
+        return mt_fail(e, "read", path, err);
+    }
+    if (!seen) {
+        /* No mappings at all (a kernel thread) or an unknown format. */
+        return mt_fail(e, "read", path, EPROTO);
+    }
+    return 0;
+}

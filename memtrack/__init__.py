@@ -1,0 +1,78 @@
+"""memtrack: where the memory of a Python worker pool goes, per process, worker and phase.
+
+The readings and the phase machinery live in the C extension ``memtrack._core``; this
+package adds policy (sizes, errors, files) and the user-facing names.
+"""
+
+from __future__ import annotations
+
+import os as _os
+
+from . import _core
+
+__version__ = "0.1.0"
+if _core.__version__ != __version__:
+    raise ImportError(
+        f"memtrack {__version__} found a C extension built for {_core.__version__}; "
+        "rebuild it: pip install -e ."
+    )
+
+from ._core import (  # noqa: E402
+    Footprint,
+    PhaseStats,
+    PhaseSummary,
+    ProfileError,
+    Sample,
+    footprint,
+    peak_rss,
+    reset,
+    reset_peak,
+    rss,
+    snapshot,
+    summary,
+)
+from ._phase import phase  # noqa: E402
+from ._sizes import format_size, parse_size  # noqa: E402
+from .profile import Profile, dump, load  # noqa: E402
+
+
+class RecordList(list):
+    """The recent :class:`PhaseStats`, oldest first; ``dropped`` counts those the ring lost."""
+
+    dropped: int = 0
+
+
+def records() -> RecordList:
+    """The most recent completed phases (a bounded ring, 100 000 by default)."""
+    items, dropped = _core.records()
+    result = RecordList(items)
+    result.dropped = dropped
+    return result
+
+
+def configure(*, max_records: int | None = None) -> dict:
+    """Change settings; returns those in force. ``max_records`` keeps the newest records."""
+    if max_records is None:
+        return _core.configure()
+    if isinstance(max_records, bool) or not isinstance(max_records, int):
+        raise TypeError(f"max_records must be an int, not {type(max_records).__name__}")
+    return _core.configure(max_records=max_records)
+
+
+def capabilities() -> dict:
+    """Which peak method is in force (``"kernel"``: exact, ``"sampler"``: bounded error),
+    why, and which readings this platform lacks."""
+    return _core.capabilities()
+
+
+def _env_flag(name: str) -> bool:
+    return _os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+_core.set_disabled(_env_flag("MEMTRACK_DISABLE"))
+
+__all__ = [
+    "Footprint", "PhaseStats", "PhaseSummary", "Profile", "ProfileError", "RecordList", "Sample",
+    "capabilities", "configure", "dump", "footprint", "format_size", "load", "parse_size",
+    "peak_rss", "phase", "records", "reset", "reset_peak", "rss", "snapshot", "summary",
+]

@@ -1,0 +1,181 @@
+"""Profiles: msgpack files written and read through msgpack-c (docs/format.md)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _core
+
+ProfileError = _core.ProfileError
+PhaseStats = _core.PhaseStats
+PhaseSummary = _core.PhaseSummary
+
+MAGIC = "memtrack"
+FORMAT_VERSION = 1
+
+_PHASE_FIELDS = {
+    "name": str, "path": str, "pid": int, "thread_id": int, "start": float, "duration": float,
+    "rss_start": int, "rss_end": int, "peak_rss": int, "heap_delta": int,
+}
+_SUMMARY_FIELDS = {
+    "path": str, "count": int, "total_time": float, "max_peak_rss": int,
+    "max_peak_delta": int, "total_rss_delta": int,
+}
+
+
+@dataclass
+class Profile:
+    """A profile read back with :func:`load`."""
+
+    header: dict[str, Any]
+    phases: list[PhaseStats] = field(default_factory=list)
+    summary: dict[str, PhaseSummary] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    #: Why the file ended early (only with ``load(..., partial=True)``), else None.
+    truncated: str | None = None
+
+
+def _header(kind: str) -> dict[str, Any]:
+    return {
+        "t": "header", "magic": MAGIC, "format": FORMAT_VERSION, "kind": kind,
+        "memtrack": _core.__version__, "created": time.time(), "host": socket.gethostname(),
+        "pid": os.getpid(), "cpus": os.cpu_count() or 0,
+        "peak_method": _core.capabilities()["peak_method"],
+    }
+
+
+def _write_atomically(path: str | os.PathLike[str], chunks: list[bytes]) -> None:
+    """Write to a temporary file beside `path` and rename: a reader never sees half a file."""
+    path = os.fspath(path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def dump(path: str | os.PathLike[str]) -> None:
+    """Write this process's phase records and summary to `path` as a msgpack profile."""
+    records, dropped = _core.pack_phase_records()
+    header = _header("phases")
+    header["records_dropped"] = dropped
+    summary = [
+        {"t": "summary", "path": p, "count": s.count, "total_time": s.total_time,
+         "max_peak_rss": s.max_peak_rss, "max_peak_delta": s.max_peak_delta,
+         "total_rss_delta": s.total_rss_delta}
+        for p, s in sorted(_core.summary().items())
+    ]
+    _write_atomically(path, [_core.pack(header), records, *map(_core.pack, summary),
+                             _core.pack({"t": "end"})])
+
+
+def _check(record: dict[str, Any], fields: dict[str, type], where: str) -> None:
+    for key, kind in fields.items():
+        value = record.get(key)
+        ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+        if not ok or isinstance(value, bool):
+            raise ProfileError(f"{where}: field {key!r} should be {kind.__name__}, found {value!r}")
+
+
+def _phase_stats(r: dict[str, Any], where: str) -> PhaseStats:
+    _check(r, _PHASE_FIELDS, where)
+    error = r.get("error")
+    if error is not None and not isinstance(error, str):
+        raise ProfileError(f"{where}: field 'error' should be str or nil, found {error!r}")
+    peak_delta = max(r["peak_rss"] - r["rss_start"], 0)
+    return PhaseStats((r["name"], r["path"], r["pid"], r["thread_id"], float(r["start"]),
+                       float(r["duration"]), r["rss_start"], r["rss_end"],
+                       r["rss_end"] - r["rss_start"], r["peak_rss"], peak_delta,
+                       r["heap_delta"], error))
+
+
+def _phase_summary(r: dict[str, Any], where: str) -> PhaseSummary:
+    _check(r, _SUMMARY_FIELDS, where)
+    if r["count"] < 1:
+        raise ProfileError(f"{where}: summary count must be at least 1, found {r['count']}")
+    return PhaseSummary((r["count"], float(r["total_time"]), r["max_peak_rss"],
+                         r["max_peak_delta"], r["total_rss_delta"],
+                         r["total_rss_delta"] / r["count"]))
+
+
+def parse(data: bytes, *, name: str = "<bytes>", partial: bool = False) -> Profile:
+    """Read a profile from bytes; see :func:`load`."""
+    objects, consumed, error = _core.unpack_stream(data)
+    if not objects:
+        if error is None:
+            raise ProfileError(f"{name}: empty file, not a memtrack profile")
+        raise ProfileError(f"{name}: not a memtrack profile ({error[2]})")
+    header = objects[0]
+    if not isinstance(header, dict) or header.get("magic") != MAGIC or header.get("t") != "header":
+        raise ProfileError(f"{name}: not a memtrack profile (no memtrack header at byte 0)")
+    version = header.get("format")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ProfileError(f"{name}: header has no format version")
+    if version > FORMAT_VERSION:
+        raise ProfileError(
+            f"{name}: written in profile format {version}; this memtrack reads format "
+            f"{FORMAT_VERSION} or older: upgrade memtrack"
+        )
+    profile = Profile(header=header)
+    ended = False
+    for i, record in enumerate(objects[1:], start=1):
+        where = f"{name}: record {i}"
+        if ended:
+            raise ProfileError(f"{where}: data after the end record")
+        if not isinstance(record, dict) or not isinstance(record.get("t"), str):
+            raise ProfileError(f"{where}: not a record (a map with a 't' kind)")
+        kind = record["t"]
+        if kind == "phase":
+            profile.phases.append(_phase_stats(record, where))
+        elif kind == "summary":
+            profile.summary[record.get("path")] = _phase_summary(record, where)
+        elif kind == "sample":
+            profile.samples.append(record)
+        elif kind == "worker":
+            profile.workers.append(record)
+        elif kind == "event":
+            profile.events.append(record)
+        elif kind == "end":
+            ended = True
+        else:
+            # Newer minor additions are skipped, not fatal: the version gate handles breaks.
+            continue
+    problem = None
+    if error is not None:
+        kind, offset, message = error
+        problem = f"{kind} at byte {offset} after record {len(objects) - 1}: {message}"
+    elif not ended:
+        problem = f"truncated after record {len(objects) - 1} (byte {consumed}): no end record"
+    if problem is not None:
+        if not partial:
+            raise ProfileError(f"{name}: {problem}")
+        profile.truncated = problem
+    return profile
+
+
+def load(path: str | os.PathLike[str], *, partial: bool = False) -> Profile:
+    """Read a profile written by :func:`dump` (or by ``memtrack.record``).
+
+    A truncated, corrupt or foreign file raises :class:`ProfileError` saying what is
+    wrong and at which byte. With ``partial=True`` a file cut short (a run killed before
+    it finished) is read up to the last complete record, and ``Profile.truncated`` says
+    where it stopped.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    return parse(data, name=os.fspath(path), partial=partial)
