@@ -280,8 +280,9 @@ mt_unpack_stream(PyObject *module, PyObject *data)
         }
         if (rc == MSGPACK_UNPACK_NOMEM_ERROR) {
             error = Py_BuildValue("(snN)", "corrupt", (Py_ssize_t)start,
-                                  PyUnicode_FromFormat("the object at byte %zu declares more "
-                                                       "items than memory allows", start));
+                                  PyUnicode_FromFormat("the object at byte %zu is nested too "
+                                                       "deeply or declares more items than "
+                                                       "memory allows", start));
             off = start;
             break;
         }

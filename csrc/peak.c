@@ -71,7 +71,7 @@ start_sampler(mt_oserr *e)
     if (mt_os_rss(&rss, e) < 0) {
         return -1;
     }
-    atomic_store(&peak.soft_hwm, rss);
+    raise_soft_hwm(rss);
     atomic_store(&peak.sampler_running, true);
     if (thrd_create(&peak.sampler, sampler_main, NULL) != thrd_success) {
         atomic_store(&peak.sampler_running, false);
@@ -179,6 +179,9 @@ mt_peak_reset_locked(uint64_t *rss_after, mt_oserr *e)
         return -1;
     }
     if (mt_peak_method_in_force() == MT_PEAK_SAMPLER) {
+        if (start_sampler(e) < 0) { /* restarts it in a forked child */
+            return -1;
+        }
         atomic_store(&peak.soft_hwm, rss);
     }
     else {

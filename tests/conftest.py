@@ -1,0 +1,35 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+MB = 1024 * 1024
+PAGE = os.sysconf("SC_PAGESIZE")
+
+
+def touch(nbytes: int) -> bytearray:
+    """Allocate and write every page, so the memory is really resident."""
+    buf = bytearray(nbytes)
+    for i in range(0, nbytes, PAGE):
+        buf[i] = 1
+    return buf
+
+
+def run_python(code: str, *, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter; fail the test with its output if it fails."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MEMTRACK_")}
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env=full_env, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _fresh_records():
+    import memtrack
+    memtrack.reset()
+    yield
