@@ -48,7 +48,10 @@ typedef struct {
     PyTypeObject *PhaseStats;
     PyTypeObject *PhaseSummary;
     PyTypeObject *Phase;
+    PyTypeObject *WorkerStats;
+    PyTypeObject *Segment;
     PyObject *ProfileError;
+    PyObject *TableError;
 } mt_state;
 
 extern PyModuleDef mt_module_def;
@@ -122,6 +125,10 @@ int mt_peak_use_sampler(const char *reason, mt_oserr *e);
 int mt_peak_read_locked(uint64_t *peak, mt_oserr *e);
 int mt_peak_reset_locked(uint64_t *rss_after, mt_oserr *e);
 void mt_peak_after_fork_child(void);
+/* The largest mark seen since the worker joined (the slot's peak_rss). When
+ * tracking, every reset first reads the mark it is about to lose. */
+uint64_t mt_peak_lifetime_locked(void);
+void mt_peak_track_lifetime_locked(int on);
 
 /* ------------------------------------------------------------------------ */
 /* phase.c: the phase stack, the open-phase registry, records and summary.   */
@@ -140,6 +147,37 @@ PyObject *mt_reset(PyObject *module, PyObject *unused);
 PyObject *mt_configure(PyObject *module, PyObject *args, PyObject *kwargs);
 PyObject *mt_pack_phase_records(PyObject *module, PyObject *unused);
 PyObject *mt_phase_counters(PyObject *module, PyObject *unused);
+
+/* ------------------------------------------------------------------------ */
+/* segment.c: the worker table. Worker side (this process's slot) and reader. */
+
+typedef struct {
+    const char *path;         /* the ended phase */
+    size_t path_len;
+    const char *parent_path;  /* the thread's enclosing phase, "" for none */
+    size_t parent_len;
+    uint32_t parent_depth;
+    int outermost;            /* depth 1: a task ended */
+    int still_open;           /* other phases still open in the process */
+    uint64_t rss_start, rss_end, peak_rss, heap_used;
+    double duration;
+} mt_worker_exit;
+
+int mt_worker_init(void);
+void mt_worker_after_fork_child(void);
+int mt_worker_joined_locked(void);
+void mt_worker_on_enter_locked(const char *path, size_t len, uint32_t depth, uint64_t rss);
+void mt_worker_on_exit_locked(const mt_worker_exit *x, int *entry_cache, uint32_t *entry_gen);
+extern PyType_Spec mt_segment_spec;
+PyObject *mt_worker_join(PyObject *module, PyObject *name);
+PyObject *mt_worker_rejoin(PyObject *module, PyObject *unused);
+PyObject *mt_worker_leave(PyObject *module, PyObject *unused);
+PyObject *mt_worker_task_done(PyObject *module, PyObject *unused);
+PyObject *mt_worker_info(PyObject *module, PyObject *unused);
+PyObject *mt_worker_set_heartbeat(PyObject *module, PyObject *seconds);
+PyObject *mt_segment_creator(PyObject *module, PyObject *name);
+PyObject *mt_proc_identity(PyObject *module, PyObject *pid);
+PyObject *mt_unlink_segment(PyObject *module, PyObject *name);
 
 /* ------------------------------------------------------------------------ */
 /* pack.c: msgpack through msgpack-c.                                        */
@@ -187,5 +225,18 @@ int mt_os_heap(uint64_t *used, uint64_t *free_bytes);
 int mt_os_sample(mt_sample *s, mt_oserr *e);
 int mt_os_footprint(mt_footprint *f, mt_oserr *e);
 void mt_os_sleep(double seconds);
+double mt_os_wall_time(void);
+int mt_os_random(void *buf, size_t n, mt_oserr *e);
+/* Shared segments: create (mode 0600, must not exist), attach, detach, unlink. */
+int mt_os_shm_create(const char *name, size_t size, void **addr, mt_oserr *e);
+int mt_os_shm_attach(const char *name, void **addr, size_t *size, mt_oserr *e);
+void mt_os_shm_detach(void *addr, size_t size);
+int mt_os_shm_unlink(const char *name, mt_oserr *e);
+/* Other processes. */
+enum { MT_PROC_GONE = 0, MT_PROC_ALIVE = 1, MT_PROC_ZOMBIE = 2 };
+int mt_os_proc_identity(long pid, uint64_t *start_time);
+int mt_os_pid_exists(long pid);
+int mt_os_child_status(long pid, int *exit_code, int *exit_signal);
+int mt_os_footprint_of(long pid, mt_footprint *fp, mt_oserr *e);
 
 #endif /* MEMTRACK_H */

@@ -65,6 +65,7 @@ after_fork_child(void)
     mt_os_after_fork_child();
     mt_peak_after_fork_child();
     mt_phase_after_fork_child();
+    mt_worker_after_fork_child();
 }
 
 static once_flag process_once = ONCE_FLAG_INIT;
@@ -74,7 +75,7 @@ static mt_oserr process_init_error;
 static void
 init_process(void)
 {
-    if (mt_phase_init() < 0) {
+    if (mt_phase_init() < 0 || mt_worker_init() < 0) {
         process_init_failed = 1;
         mt_fail(&process_init_error, "malloc", NULL, ENOMEM);
         return;
@@ -141,6 +142,32 @@ static PyStructSequence_Field phase_summary_fields[] = {
     {"mean_rss_delta", "total_rss_delta / count, bytes"},
     {NULL, NULL},
 };
+
+static PyStructSequence_Field worker_stats_fields[] = {
+    {"pid", "process id of the worker"},
+    {"state", "'idle', 'running', 'exited', 'killed', or 'corrupt' (see error)"},
+    {"phase", "path of the phase it is in (or died in), '' between phases"},
+    {"depth", "nesting depth of that phase"},
+    {"rss", "last resident set size, bytes"},
+    {"peak_rss", "largest rss since the worker joined, bytes"},
+    {"uss", "private memory at the last heartbeat, bytes (0 before the first)"},
+    {"pss", "proportional memory at the last heartbeat, bytes (0 before the first)"},
+    {"heap_used", "malloc heap in use, bytes"},
+    {"tasks", "outermost phases ended plus task_done() calls"},
+    {"updated", "time.monotonic() of the last update"},
+    {"exit_code", "exit status when known, else None"},
+    {"exit_signal", "the signal that killed it when known, else None"},
+    {"phases", "{path: PhaseSummary} of this worker"},
+    {"slot", "index of its slot in the table"},
+    {"joined", "time.monotonic() when it joined"},
+    {"phase_truncated", "True when phase was cut to fit the slot"},
+    {"phase_overflow", "phase ends not summarised: the slot had no room for their path"},
+    {"error", "why this slot could not be read fully, else None"},
+    {NULL, NULL},
+};
+
+static PyStructSequence_Desc worker_stats_desc = {"memtrack.WorkerStats",
+    "WorkerStats: one worker of a WorkerTable, as its slot last said.", worker_stats_fields, 19};
 
 static PyStructSequence_Desc sample_desc = {"memtrack.Sample",
     "Sample: one reading of this process's memory (bytes unless said).", sample_fields, 12};
@@ -212,6 +239,15 @@ static PyMethodDef module_methods[] = {
     {"set_disabled", mt_set_disabled, METH_O, "set_disabled(flag): MEMTRACK_DISABLE."},
     {"use_sampler", mt_use_sampler, METH_O,
      "use_sampler(reason): keep peaks with the sampling thread from now on."},
+    {"join", mt_worker_join, METH_O, "join(name) -> slot index, or -1 when the table is full."},
+    {"rejoin", mt_worker_rejoin, METH_NOARGS, "rejoin() after fork -> slot, -1, or None."},
+    {"leave", mt_worker_leave, METH_NOARGS, "leave() -> bool: mark this worker exited."},
+    {"task_done", mt_worker_task_done, METH_NOARGS, "task_done(): count a task."},
+    {"worker_info", mt_worker_info, METH_NOARGS, "worker_info() -> (name, slot) or None."},
+    {"set_heartbeat", mt_worker_set_heartbeat, METH_O, "set_heartbeat(seconds); 0 disables."},
+    {"segment_creator", mt_segment_creator, METH_O, "segment_creator(name) -> (pid, start)."},
+    {"proc_identity", mt_proc_identity, METH_O, "proc_identity(pid) -> (state, start_time)."},
+    {"unlink_segment", mt_unlink_segment, METH_O, "unlink_segment(name)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -238,11 +274,25 @@ module_exec(PyObject *module)
     if (add_type(module, &st->Sample, &sample_desc) < 0
         || add_type(module, &st->Footprint, &footprint_desc) < 0
         || add_type(module, &st->PhaseStats, &phase_stats_desc) < 0
-        || add_type(module, &st->PhaseSummary, &phase_summary_desc) < 0) {
+        || add_type(module, &st->PhaseSummary, &phase_summary_desc) < 0
+        || add_type(module, &st->WorkerStats, &worker_stats_desc) < 0) {
         return -1;
     }
     st->Phase = (PyTypeObject *)PyType_FromModuleAndSpec(module, &mt_phase_spec, NULL);
     if (st->Phase == NULL || PyModule_AddObjectRef(module, "Phase", (PyObject *)st->Phase) < 0) {
+        return -1;
+    }
+    st->Segment = (PyTypeObject *)PyType_FromModuleAndSpec(module, &mt_segment_spec, NULL);
+    if (st->Segment == NULL
+        || PyModule_AddObjectRef(module, "Segment", (PyObject *)st->Segment) < 0) {
+        return -1;
+    }
+    st->TableError = PyErr_NewExceptionWithDoc(
+        "memtrack.TableError",
+        "A worker table segment is not usable: wrong magic, version or size.",
+        PyExc_ValueError, NULL);
+    if (st->TableError == NULL
+        || PyModule_AddObjectRef(module, "TableError", st->TableError) < 0) {
         return -1;
     }
     st->ProfileError = PyErr_NewExceptionWithDoc(
@@ -271,7 +321,10 @@ module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->PhaseStats);
     Py_VISIT(st->PhaseSummary);
     Py_VISIT(st->Phase);
+    Py_VISIT(st->WorkerStats);
+    Py_VISIT(st->Segment);
     Py_VISIT(st->ProfileError);
+    Py_VISIT(st->TableError);
     return 0;
 }
 
@@ -284,7 +337,10 @@ module_clear(PyObject *module)
     Py_CLEAR(st->PhaseStats);
     Py_CLEAR(st->PhaseSummary);
     Py_CLEAR(st->Phase);
+    Py_CLEAR(st->WorkerStats);
+    Py_CLEAR(st->Segment);
     Py_CLEAR(st->ProfileError);
+    Py_CLEAR(st->TableError);
     return 0;
 }
 

@@ -35,6 +35,8 @@ static struct {
     _Atomic bool sampler_running; /* cleared to stop, and in a forked child */
     thrd_t sampler;               /* Protected by phase_lock. */
     double interval;              /* Written once at init. */
+    uint64_t lifetime;            /* Protected by phase_lock. */
+    int track_lifetime;           /* Protected by phase_lock. */
 } peak = {.method = MT_PEAK_KERNEL, .interval = SAMPLER_INTERVAL};
 
 static void
@@ -141,6 +143,9 @@ mt_peak_read_locked(uint64_t *out, mt_oserr *e)
         }
         raise_soft_hwm(hwm);
         *out = atomic_load(&peak.soft_hwm);
+        if (*out > peak.lifetime) {
+            peak.lifetime = *out;
+        }
         return 0;
     }
     if (mt_os_hwm(&hwm, e) < 0) {
@@ -149,15 +154,31 @@ mt_peak_read_locked(uint64_t *out, mt_oserr *e)
     if (peak.sticky_floor != 0 && hwm <= peak.sticky_floor && mt_os_hwm_exact(&hwm, e) < 0) {
         return -1;
     }
+    if (hwm > peak.lifetime) {
+        peak.lifetime = hwm;
+    }
     *out = hwm;
     return 0;
+}
+
+uint64_t
+mt_peak_lifetime_locked(void)
+{
+    return peak.lifetime;
+}
+
+void
+mt_peak_track_lifetime_locked(int on)
+{
+    peak.track_lifetime = on;
+    peak.lifetime = 0;
 }
 
 int
 mt_peak_reset_locked(uint64_t *rss_after, mt_oserr *e)
 {
     uint64_t hwm, rss;
-    if (mt_phase_open_locked()) {
+    if (mt_phase_open_locked() || peak.track_lifetime) {
         if (mt_peak_read_locked(&hwm, e) < 0) {
             return -1;
         }
@@ -201,4 +222,6 @@ mt_peak_after_fork_child(void)
      * The child's kernel mark starts fresh, so no floor carries over. */
     atomic_store(&peak.sampler_running, false);
     peak.sticky_floor = 0;
+    peak.track_lifetime = 0; /* until the child claims its own slot */
+    peak.lifetime = 0;
 }

@@ -32,6 +32,9 @@ typedef struct {
     uint64_t max_peak_rss;
     uint64_t max_peak_delta;
     int64_t total_rss_delta;
+    /* Index of this path's entry in the worker slot, valid for slot_gen. */
+    int slot_entry;
+    uint32_t slot_gen;
 } mt_path;
 
 typedef struct {
@@ -171,7 +174,7 @@ add_path_locked(uint32_t parent, uint32_t depth, uint64_t hash, const char *name
     uint32_t id = ph.npaths++;
     ph.paths[id] = (mt_path){.parent = parent, .depth = depth, .hash = hash,
                              .name = n, .name_len = len, .path = p,
-                             .path_len = prefix + len};
+                             .path_len = prefix + len, .slot_entry = -2};
     index_put(ph.index, ph.index_cap, hash, id);
     return id;
 }
@@ -434,6 +437,8 @@ phase_enter(PhaseObject *self, PyObject *unused)
         f->rss_start = rss;
         f->peak = rss;
         link_locked(f);
+        const mt_path *p = &ph.paths[f->path_id];
+        mt_worker_on_enter_locked(p->path, p->path_len, f->depth, rss);
     }
     mtx_unlock(&mt_phase_lock);
 
@@ -525,6 +530,19 @@ phase_exit(PhaseObject *self, PyObject *const *args, Py_ssize_t nargs)
         .heap_delta = (int64_t)heap - (int64_t)f->heap_start,
     };
     record_locked(r);
+    if (mt_worker_joined_locked()) {
+        mt_path *p = &ph.paths[f->path_id];
+        const mt_path *up = f->parent ? &ph.paths[f->parent->path_id] : &ph.paths[ROOT_ID];
+        mt_worker_exit x = {
+            .path = p->path, .path_len = p->path_len,
+            .parent_path = up->path, .parent_len = up->path_len,
+            .parent_depth = f->parent ? f->parent->depth : 0,
+            .outermost = f->depth == 1, .still_open = ph.nopen != 0,
+            .rss_start = r->rss_start, .rss_end = r->rss_end, .peak_rss = r->peak_rss,
+            .heap_used = heap, .duration = r->duration,
+        };
+        mt_worker_on_exit_locked(&x, &p->slot_entry, &p->slot_gen);
+    }
     mtx_unlock(&mt_phase_lock);
 
     int orphaned = pop_thread_chain(f) < 0;

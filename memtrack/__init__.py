@@ -34,6 +34,21 @@ from ._core import (  # noqa: E402
 from ._phase import phase  # noqa: E402
 from ._sizes import format_size, parse_size  # noqa: E402
 from .profile import Profile, dump, load  # noqa: E402
+from .table import (  # noqa: E402
+    TableError,
+    Totals,
+    WorkerStats,
+    WorkerTable,
+    cleanup_stale,
+    explain_broken_pool,
+    init_worker,
+    set_heartbeat,
+    task_done,
+    worker_slot,
+)
+from . import table as _table  # noqa: E402
+from .limits import SystemMemory, cpu_limit, system_memory  # noqa: E402
+from .sizing import WorkerPlan, calculate_max_workers, plan_workers  # noqa: E402
 
 
 class RecordList(list):
@@ -70,9 +85,15 @@ def _env_flag(name: str) -> bool:
 
 
 _core.set_disabled(_env_flag("MEMTRACK_DISABLE"))
+_table._register_process_hooks()
+if not _env_flag("MEMTRACK_DISABLE"):
+    _table._join_from_environment()
 
 __all__ = [
     "Footprint", "PhaseStats", "PhaseSummary", "Profile", "ProfileError", "RecordList", "Sample",
-    "capabilities", "configure", "dump", "footprint", "format_size", "load", "parse_size",
-    "peak_rss", "phase", "records", "reset", "reset_peak", "rss", "snapshot", "summary",
+    "SystemMemory", "TableError", "Totals", "WorkerPlan", "WorkerStats", "WorkerTable",
+    "calculate_max_workers", "capabilities", "cleanup_stale", "configure", "cpu_limit", "dump",
+    "explain_broken_pool", "footprint", "format_size", "init_worker", "load", "parse_size",
+    "peak_rss", "phase", "plan_workers", "records", "reset", "reset_peak", "rss",
+    "set_heartbeat", "snapshot", "summary", "system_memory", "task_done", "worker_slot",
 ]

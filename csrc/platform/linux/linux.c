@@ -324,3 +324,192 @@ mt_os_footprint(mt_footprint *fp, mt_oserr *e)
     }
     return 0;
 }
+
+/* ------------------------------------------------------------------------ */
+/* Shared segments and other processes (the worker table).                   */
+
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+int
+mt_os_shm_create(const char *name, size_t size, void **addr, mt_oserr *e)
+{
+    int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        return mt_fail(e, "shm_open", name, errno);
+    }
+    /* The umask cannot widen 0600, but make the mode explicit anyway. */
+    if (fchmod(fd, 0600) != 0 || ftruncate(fd, (off_t)size) != 0) {
+        int err = errno;
+        close(fd);
+        shm_unlink(name);
+        return mt_fail(e, "ftruncate", name, err);
+    }
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    int err = errno;
+    close(fd);
+    if (p == MAP_FAILED) {
+        shm_unlink(name);
+        return mt_fail(e, "mmap", name, err);
+    }
+    *addr = p;
+    return 0;
+}
+
+int
+mt_os_shm_attach(const char *name, void **addr, size_t *size, mt_oserr *e)
+{
+    struct stat st;
+    int fd = shm_open(name, O_RDWR | O_CLOEXEC, 0);
+    if (fd < 0) {
+        return mt_fail(e, "shm_open", name, errno);
+    }
+    if (fstat(fd, &st) != 0) {
+        int err = errno;
+        close(fd);
+        return mt_fail(e, "fstat", name, err);
+    }
+    if (st.st_size <= 0) {
+        close(fd);
+        *addr = NULL;
+        *size = 0;
+        return 0; /* the caller reports an empty segment */
+    }
+    void *p = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    int err = errno;
+    close(fd);
+    if (p == MAP_FAILED) {
+        return mt_fail(e, "mmap", name, err);
+    }
+    *addr = p;
+    *size = (size_t)st.st_size;
+    return 0;
+}
+
+void
+mt_os_shm_detach(void *addr, size_t size)
+{
+    if (addr != NULL) {
+        munmap(addr, size);
+    }
+}
+
+int
+mt_os_shm_unlink(const char *name, mt_oserr *e)
+{
+    if (shm_unlink(name) != 0 && errno != ENOENT) {
+        return mt_fail(e, "shm_unlink", name, errno);
+    }
+    return 0;
+}
+
+int
+mt_os_random(void *buf, size_t n, mt_oserr *e)
+{
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = getrandom((char *)buf + got, n - got, 0);
+        if (r < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            return mt_fail(e, "getrandom", NULL, errno);
+        }
+        got += (size_t)r;
+    }
+    return 0;
+}
+
+double
+mt_os_wall_time(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Process identity: the start time (clock ticks since boot, field 22 of
+ * /proc/<pid>/stat) tells a process from a later one that reused its pid.
+ * Returns MT_PROC_ALIVE, MT_PROC_ZOMBIE or MT_PROC_GONE. */
+int
+mt_os_proc_identity(long pid, uint64_t *start_time)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    int fd = open_cloexec(path, O_RDONLY);
+    if (fd < 0) {
+        return MT_PROC_GONE;
+    }
+    ssize_t n;
+    do {
+        n = read(fd, buf, sizeof buf - 1);
+    } while (n < 0 && errno == EINTR);
+    close(fd);
+    if (n <= 0) {
+        return MT_PROC_GONE;
+    }
+    buf[n] = '\0';
+    /* "pid (comm) S ppid ...": comm may hold spaces and parentheses. */
+    char *p = strrchr(buf, ')');
+    if (p == NULL || p[1] != ' ') {
+        return MT_PROC_GONE;
+    }
+    char state = p[2];
+    p += 3;
+    /* Skip fields 4..21 to reach field 22 (starttime). */
+    for (int field = 3; field < 22 && p != NULL; field++) {
+        p = strchr(p + 1, ' ');
+    }
+    if (p == NULL) {
+        return MT_PROC_GONE;
+    }
+    *start_time = strtoull(p + 1, NULL, 10);
+    return (state == 'Z' || state == 'X') ? MT_PROC_ZOMBIE : MT_PROC_ALIVE;
+}
+
+int
+mt_os_pid_exists(long pid)
+{
+    return kill((pid_t)pid, 0) == 0 || errno == EPERM;
+}
+
+/* The exit status of our own child that has not been reaped yet, without
+ * reaping it (its owner, a pool, still will). 1 when known. */
+int
+mt_os_child_status(long pid, int *exit_code, int *exit_signal)
+{
+    siginfo_t info;
+    memset(&info, 0, sizeof info);
+    if (waitid(P_PID, (id_t)pid, &info, WEXITED | WNOHANG | WNOWAIT) != 0 || info.si_pid == 0) {
+        return 0;
+    }
+    if (info.si_code == CLD_EXITED) {
+        *exit_code = info.si_status;
+        return 1;
+    }
+    if (info.si_code == CLD_KILLED || info.si_code == CLD_DUMPED) {
+        *exit_signal = info.si_status;
+        return 1;
+    }
+    return 0;
+}
+
+int
+mt_os_footprint_of(long pid, mt_footprint *fp, mt_oserr *e)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%ld/smaps_rollup", pid);
+    FILE *f = fopen(path, "re");
+    if (f == NULL) {
+        return mt_fail(e, "open", "/proc/<pid>/smaps_rollup", errno);
+    }
+    int seen = footprint_from(f, fp);
+    fclose(f);
+    if (!seen) {
+        return mt_fail(e, "read", "/proc/<pid>/smaps_rollup", EPROTO);
+    }
+    return 0;
+}

@@ -1,0 +1,332 @@
+"""The worker table: a shared-memory segment every pool worker writes, read live by the parent.
+
+The parent creates a :class:`WorkerTable`; each worker joins it (``initializer=init_worker``,
+or ``MEMTRACK_TABLE`` in the environment) and claims one slot that its phases update from C.
+The parent reads every slot at any time, also after a worker has died.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import signal
+import warnings
+import weakref
+from dataclasses import dataclass
+
+from . import _core
+from ._sizes import format_size
+
+WorkerStats = _core.WorkerStats
+TableError = _core.TableError
+
+ENV_TABLE = "MEMTRACK_TABLE"
+SHM_DIR = "/dev/shm"
+DEFAULT_HEARTBEAT = 0.1
+
+
+def _prefix() -> str:
+    return f"memtrack-{os.getuid()}-"
+
+
+@dataclass(frozen=True)
+class Totals:
+    """The pool at one moment: what the live workers hold together."""
+
+    live: int       #: workers alive (idle or running)
+    rss: int        #: sum of their rss (shared pages counted once per worker)
+    pss: int        #: sum of their pss (shared pages counted once in all)
+    uss: int        #: sum of their private memory
+    peak_rss: int   #: the largest peak_rss of any worker, dead ones included
+    dead: int       #: workers that exited or were killed
+
+    def __str__(self) -> str:
+        return (f"{self.live} live ({self.dead} dead): rss {format_size(self.rss)}, "
+                f"pss {format_size(self.pss)}, uss {format_size(self.uss)}, "
+                f"largest worker peak {format_size(self.peak_rss)}")
+
+
+class WorkerTable:
+    """A shared-memory table of pool workers, created by the parent of a pool.
+
+    ``WorkerTable(capacity=64)`` creates a segment (mode 0600, unguessable name) that holds
+    up to `capacity` workers at once; ``heartbeat`` is how often (seconds) each worker
+    refreshes its rss/peak while inside a long phase (0 disables it). The creator removes
+    the segment on :meth:`close`, on leaving the ``with`` block, and at interpreter exit.
+    Use :meth:`attach` to read a table another process created.
+    """
+
+    def __init__(self, capacity: int = 64, name: str | None = None, *,
+                 heartbeat: float = DEFAULT_HEARTBEAT) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int):
+            raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
+        if not isinstance(heartbeat, (int, float)) or not (heartbeat == 0 or 0.001 <= heartbeat <= 3600):
+            raise ValueError(f"heartbeat must be 0 (off) or 0.001..3600 seconds, not {heartbeat!r}")
+        cleanup_stale()
+        if name is None:
+            name = f"/{_prefix()}{secrets.token_hex(12)}"
+        self._segment = _core.Segment(name, capacity=capacity, heartbeat_ms=round(heartbeat * 1000))
+        self._owner = True
+        self._finalizer = weakref.finalize(self, self._segment.close)
+
+    @classmethod
+    def attach(cls, name: str) -> WorkerTable:
+        """Open an existing table to read it (``memtrack top``); closing it removes nothing."""
+        table = cls.__new__(cls)
+        table._segment = _core.Segment(_normalise(name))
+        table._owner = False
+        table._finalizer = weakref.finalize(table, table._segment.close)
+        return table
+
+    @property
+    def name(self) -> str:
+        """The segment name: pass it to :func:`init_worker` or put it in ``MEMTRACK_TABLE``."""
+        return self._segment.name
+
+    @property
+    def capacity(self) -> int:
+        return self._segment.header()["capacity"]
+
+    @property
+    def closed(self) -> bool:
+        return self._segment.closed
+
+    def header(self) -> dict:
+        """The segment header: version, capacity, slot size, creator pid and start, heartbeat."""
+        return self._segment.header()
+
+    def workers(self, *, check: bool = False) -> list[WorkerStats]:
+        """Every worker that has claimed a slot, dead ones included, each read consistently.
+
+        A worker that stopped updating is checked against ``/proc`` (pid and start time, so
+        a reused pid is not mistaken for it). ``check=True`` checks every worker now, as
+        forensics after a broken pool should. A slot that fails validation comes back with
+        ``state == "corrupt"`` and the reason in ``error``; it never stops the others.
+        """
+        return self._segment.read(check=check)
+
+    def totals(self) -> Totals:
+        """Live workers and their summed rss / pss / uss, and the largest worker peak."""
+        ws = [w for w in self.workers() if w.state != "corrupt"]
+        live = [w for w in ws if w.state in ("idle", "running")]
+        return Totals(live=len(live), rss=sum(w.rss for w in live), pss=sum(w.pss for w in live),
+                      uss=sum(w.uss for w in live), peak_rss=max((w.peak_rss for w in ws), default=0),
+                      dead=len(ws) - len(live))
+
+    def forget_dead(self) -> int:
+        """Free the slots of dead workers; returns how many."""
+        return self._segment.forget_dead()
+
+    def record_exit(self, pid: int, exitcode: int) -> bool:
+        """Record what the pool learned about a worker's end (``Process.exitcode``:
+        negative for a signal). Returns False when no slot belongs to `pid`."""
+        return self._segment.record_exit(pid, exitcode)
+
+    def environ(self) -> dict[str, str]:
+        """``{"MEMTRACK_TABLE": name}``: for ``env=`` of a subprocess that should join."""
+        return {ENV_TABLE: self.name}
+
+    def close(self) -> None:
+        """Unmap the segment; the creator also removes it. Safe to call twice."""
+        self._finalizer()
+
+    def __enter__(self) -> WorkerTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"capacity={self.capacity}"
+        return f"<WorkerTable {self.name} {state}>"
+
+
+def _normalise(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"table name must be a str, not {type(name).__name__}")
+    return name if name.startswith("/") else "/" + name
+
+
+def cleanup_stale() -> list[str]:
+    """Remove this user's tables whose creator has died without removing them.
+
+    A creator is alive only if its pid runs with the same start time as recorded in the
+    header, so a reused pid does not keep a stale table. Returns the names removed.
+    """
+    removed = []
+    try:
+        entries = os.listdir(SHM_DIR)
+    except OSError:
+        return removed
+    uid = os.getuid()
+    for entry in entries:
+        if not entry.startswith(_prefix()):
+            continue
+        try:
+            if os.stat(os.path.join(SHM_DIR, entry)).st_uid != uid:
+                continue
+            pid, start = _core.segment_creator("/" + entry)
+        except (OSError, TableError):
+            continue  # not ours to judge: unreadable or not a table
+        state, actual_start = _core.proc_identity(pid)
+        if state != "alive" or actual_start != start:
+            try:
+                _core.unlink_segment("/" + entry)
+                removed.append("/" + entry)
+            except OSError:
+                pass
+    return removed
+
+
+def live_tables() -> list[str]:
+    """Names of this user's tables whose creator is alive (for ``memtrack top``)."""
+    found = []
+    try:
+        entries = sorted(os.listdir(SHM_DIR))
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.startswith(_prefix()):
+            continue
+        try:
+            pid, start = _core.segment_creator("/" + entry)
+        except (OSError, TableError):
+            continue
+        state, actual = _core.proc_identity(pid)
+        if state == "alive" and actual == start:
+            found.append("/" + entry)
+    return found
+
+
+# --------------------------------------------------------------------------------------
+# The worker side
+
+_warned_full = False
+
+
+def _install_exit_hooks() -> None:
+    """Mark this worker "exited" when it ends normally (not when it is killed).
+
+    multiprocessing children leave through os._exit, which skips atexit, so a
+    multiprocessing finalizer is registered too; its registry is cleared when a
+    multiprocessing child starts, so it is registered again after that.
+    """
+    import multiprocessing.util as mp_util
+
+    mp_util.Finalize(None, _core.leave, exitpriority=-100)
+
+
+class _AfterBootstrap:
+    """A weak-referenceable key for multiprocessing's after-fork registry."""
+
+
+_after_bootstrap = _AfterBootstrap()
+
+
+def _joined(index: int, name: str) -> None:
+    global _warned_full
+    if index >= 0:
+        _install_exit_hooks()
+        return
+    if not _warned_full:
+        _warned_full = True
+        warnings.warn(f"memtrack: worker table {name} is full; pid {os.getpid()} runs untracked",
+                      RuntimeWarning, stacklevel=3)
+
+
+def init_worker(name: str, heartbeat: float | None = None) -> int:
+    """Join the worker table `name`: use as ``initializer=memtrack.init_worker``.
+
+    Claims a slot for this process (a free one, else the oldest dead one). When the
+    table is full the worker runs untracked, with one warning: memtrack never breaks a
+    pool. Returns the slot index, or -1 when untracked. ``heartbeat`` overrides the
+    table's refresh interval for this worker (seconds; 0 disables).
+    """
+    name = _normalise(name)
+    index = _core.join(name)
+    _joined(index, name)
+    if heartbeat is not None and index >= 0:
+        _core.set_heartbeat(heartbeat)
+    return index
+
+
+def task_done() -> None:
+    """Count one task for this worker (an outermost phase ending counts one by itself)."""
+    _core.task_done()
+
+
+def worker_slot() -> tuple[str, int] | None:
+    """(table name, slot index) when this process is a joined worker, else None."""
+    return _core.worker_info()
+
+
+def set_heartbeat(seconds: float) -> None:
+    """Change this worker's heartbeat interval (0 disables the thread)."""
+    _core.set_heartbeat(float(seconds))
+
+
+def _after_fork_in_child() -> None:
+    index = _core.rejoin()
+    if index is not None:
+        info = _core.worker_info()
+        _joined(index, info[0] if info else "(table)")
+
+
+def _in_forkserver() -> bool:
+    """The forkserver process only forks workers: it must not take a slot itself."""
+    return any("multiprocessing.forkserver" in arg for arg in getattr(os.sys, "orig_argv", ()))
+
+
+def _join_from_environment() -> None:
+    name = os.environ.get(ENV_TABLE)
+    if not name or _core.worker_info() is not None or _in_forkserver():
+        return
+    try:
+        init_worker(name)
+    except (OSError, TableError, ValueError) as e:
+        warnings.warn(f"memtrack: cannot join {ENV_TABLE}={name}: {e}; running untracked",
+                      RuntimeWarning, stacklevel=2)
+
+
+def _register_process_hooks() -> None:
+    import multiprocessing.util as mp_util
+
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+    mp_util.register_after_fork(_after_bootstrap, lambda _obj: (
+        _install_exit_hooks() if _core.worker_info() is not None else None))
+    atexit.register(_core.leave)
+
+
+# --------------------------------------------------------------------------------------
+# Forensics
+
+def _describe_end(w: WorkerStats) -> str:
+    if w.exit_signal is not None:
+        try:
+            return f"killed by {signal.Signals(w.exit_signal).name}"
+        except ValueError:
+            return f"killed by signal {w.exit_signal}"
+    if w.exit_code is not None:
+        return f"exited with code {w.exit_code}"
+    if w.state == "killed":
+        return "killed (without running its exit handlers: a signal, the OOM killer or a crash)"
+    return "exited"
+
+
+def explain_broken_pool(table: WorkerTable) -> str:
+    """What happened to the workers that died, e.g. for a ``BrokenProcessPool`` handler:
+    "worker 4711 died in phase index/parse at 1.3 GiB (peak 1.4 GiB), killed by SIGKILL"."""
+    lines = []
+    for w in table.workers(check=True):
+        if w.state == "corrupt":
+            lines.append(f"slot {w.slot}: unreadable ({w.error})")
+            continue
+        if w.state == "killed" or (w.state == "exited" and w.exit_code not in (None, 0)):
+            where = f"in phase {w.phase}" if w.phase else "between phases"
+            lines.append(f"worker {w.pid} died {where} at {format_size(w.rss)} "
+                         f"(peak {format_size(w.peak_rss)}), {_describe_end(w)}; "
+                         f"{w.tasks} tasks done")
+    if not lines:
+        return "no worker of this table died"
+    return "\n".join(lines)
