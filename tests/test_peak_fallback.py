@@ -10,7 +10,8 @@ from conftest import run_python
 # (the kernel makes the file root's): the same refusal a seccomp policy or a hardened
 # container gives. The stdlib is imported before dropping to nobody, who cannot read it.
 REFUSED = """
-import ctypes, os, inspect, functools, dataclasses, socket, re, math, typing, time
+import ctypes, os, inspect, functools, dataclasses, socket, re, math, typing, time, secrets
+import weakref, atexit, signal, warnings, fractions, argparse, collections.abc, multiprocessing.util
 os.setgid(65534); os.setuid(65534)
 ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 0
 import memtrack
