@@ -238,5 +238,8 @@ int mt_os_proc_identity(long pid, uint64_t *start_time);
 int mt_os_pid_exists(long pid);
 int mt_os_child_status(long pid, int *exit_code, int *exit_signal);
 int mt_os_footprint_of(long pid, mt_footprint *fp, mt_oserr *e);
+int mt_os_pidfd_open(long pid);
+int mt_os_pidfd_alive(int fd);
+void mt_os_close(int fd);
 
 #endif /* MEMTRACK_H */

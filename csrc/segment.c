@@ -26,6 +26,7 @@
 #define SUMMARY_PATH 112u
 #define MAX_CAPACITY 4096u
 #define READ_RETRIES 20000
+#define READ_PATIENCE 0.05 /* seconds a reader waits for an odd count */
 #define FOOTPRINT_EVERY 10 /* heartbeats between uss/pss readings */
 
 typedef struct {
@@ -139,14 +140,33 @@ foreign_write_begin(mt_slot *s)
     return -1;
 }
 
-/* Copy a consistent slot. Returns 0, or -1 when it stayed odd (its writer
+/* Copy a consistent slot. A writer can be preempted mid-write, so after a
+ * short spin the reader sleeps between tries, for up to READ_PATIENCE
+ * seconds. Returns 0, or -1 when the count stayed odd that long (its writer
  * died mid-write): the copy is then the last state, possibly torn. */
 static int
 read_slot(const mt_slot *s, mt_slot *out)
 {
-    for (int i = 0; i < READ_RETRIES; i++) {
+    double give_up = 0;
+    for (int i = 0;; i++) {
         uint64_t q1 = atomic_load_explicit(&s->seq, memory_order_acquire);
         if (q1 & 1u) {
+            if (i < 200) {
+                continue;
+            }
+            double now = mt_os_monotonic();
+            if (give_up == 0) {
+                /* No process to finish the write: do not wait for one. */
+                int64_t owner = atomic_load_explicit(&s->owner, memory_order_relaxed);
+                if (owner <= 0 || owner > (1 << 30) || !mt_os_pid_exists((long)owner)) {
+                    break;
+                }
+                give_up = now + READ_PATIENCE;
+            }
+            else if (now > give_up) {
+                break;
+            }
+            mt_os_sleep(20e-6);
             continue;
         }
         memcpy((char *)out, (const char *)s, offsetof(mt_slot, phases));
@@ -365,8 +385,13 @@ heartbeat_main(void *unused)
             write_begin(s);
             s->rss = rss;
             uint64_t lifetime = mt_peak_lifetime_locked();
+            /* statm is exact, the mark may lag it by the kernel's per-CPU
+             * counter slack: a peak is never below a reading. */
             if (lifetime > s->peak_rss) {
                 s->peak_rss = lifetime;
+            }
+            if (rss > s->peak_rss) {
+                s->peak_rss = rss;
             }
             if (have_fp) {
                 s->uss = fp.uss;
@@ -501,6 +526,9 @@ mt_worker_on_exit_locked(const mt_worker_exit *x, int *entry_cache, uint32_t *en
     s->rss = x->rss_end;
     if (x->peak_rss > s->peak_rss) {
         s->peak_rss = x->peak_rss;
+    }
+    if (x->rss_end > s->peak_rss) {
+        s->peak_rss = x->rss_end;
     }
     s->heap_used = x->heap_used;
     if (x->outermost) {
@@ -718,12 +746,22 @@ mt_worker_set_heartbeat(PyObject *module, PyObject *arg)
 /* ------------------------------------------------------------------------ */
 /* The reader side: the Segment type                                          */
 
+/* What this reader knows about a slot's owner: a pidfd for the exact
+ * process (pid, start_time) it verified, so later liveness checks are one
+ * poll() and a reused pid can never pass for the owner. */
+typedef struct {
+    int fd; /* -1: none */
+    int64_t pid;
+    uint64_t start_time;
+} mt_watch;
+
 typedef struct {
     PyObject_HEAD
     mt_seg_header *seg; /* NULL once closed */
     size_t size;
     int owner;          /* created it: unlink on close */
     char name[256];
+    mt_watch *watch;    /* one per slot; NULL until the first read */
 } SegmentObject;
 
 static int
@@ -789,6 +827,13 @@ segment_init(SegmentObject *self, PyObject *args, PyObject *kwds)
 static void
 segment_close_impl(SegmentObject *self)
 {
+    if (self->watch != NULL) {
+        for (uint32_t i = 0; self->seg != NULL && i < self->seg->capacity; i++) {
+            mt_os_close(self->watch[i].fd);
+        }
+        PyMem_Free(self->watch);
+        self->watch = NULL;
+    }
     if (self->seg == NULL) {
         return;
     }
@@ -885,10 +930,37 @@ slot_phases_dict(mt_state *st, const mt_slot *c)
     return d;
 }
 
+/* Is the slot's owner (pid + start time) still running? Exact: a verified
+ * owner is watched through a pidfd; without one, /proc is asked each time. */
+static int
+owner_alive(mt_watch *w, const mt_slot *c)
+{
+    if (w != NULL && w->fd >= 0 && w->pid == c->pid && w->start_time == c->start_time) {
+        return mt_os_pidfd_alive(w->fd);
+    }
+    if (owner_dead(c)) {
+        return 0;
+    }
+    if (w != NULL) {
+        mt_os_close(w->fd);
+        w->fd = mt_os_pidfd_open((long)c->pid);
+        w->pid = c->pid;
+        w->start_time = c->start_time;
+        /* The owner could have died, and its pid been reused, between the
+         * check and the open: check again with the pidfd held. */
+        if (w->fd >= 0 && owner_dead(c)) {
+            mt_os_close(w->fd);
+            w->fd = -1;
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /* Decide whether a live-state slot's owner is still alive; record a death
  * in the shared slot so that every reader agrees. */
 static void
-settle_liveness(mt_slot *live, mt_slot *c, int full_check, double stale_after)
+settle_liveness(mt_slot *live, mt_slot *c, mt_watch *w)
 {
     if (c->state != SLOT_IDLE && c->state != SLOT_RUNNING && c->state != SLOT_EXITED) {
         return;
@@ -896,18 +968,7 @@ settle_liveness(mt_slot *live, mt_slot *c, int full_check, double stale_after)
     if (c->state == SLOT_EXITED && (c->flags & (FLAG_EXIT_CODE | FLAG_EXIT_SIGNAL))) {
         return;
     }
-    int dead;
-    if (!mt_os_pid_exists((long)c->pid)) {
-        dead = 1;
-    }
-    else if (full_check || c->state == SLOT_EXITED
-             || mt_os_monotonic() - c->updated > stale_after) {
-        dead = owner_dead(c);
-    }
-    else {
-        dead = 0;
-    }
-    if (!dead) {
+    if (owner_alive(w, c)) {
         return;
     }
     int code = 0, sig = 0;
@@ -960,21 +1021,40 @@ segment_read(SegmentObject *self, PyObject *args, PyObject *kwds)
         Py_XDECREF(list);
         return PyErr_NoMemory();
     }
-    double hb = self->seg->heartbeat_ms / 1000.0;
-    double stale_after = hb > 0 ? (3 * hb > 0.5 ? 3 * hb : 0.5) : 0;
     uint32_t capacity = self->seg->capacity;
+    if (self->watch == NULL) {
+        self->watch = PyMem_Calloc(capacity, sizeof *self->watch);
+        if (self->watch == NULL) {
+            PyMem_Free(c);
+            Py_DECREF(list);
+            return PyErr_NoMemory();
+        }
+        for (uint32_t i = 0; i < capacity; i++) {
+            self->watch[i].fd = -1;
+        }
+    }
     for (uint32_t i = 0; i < capacity; i++) {
         mt_slot *live = SLOT_AT(self->seg, i);
         if (atomic_load_explicit(&live->owner, memory_order_acquire) == 0) {
             continue;
         }
         int torn = read_slot(live, c) < 0;
+        const char *torn_why = NULL;
+        if (torn) {
+            torn_why = owner_dead(c)
+                           ? "its writer died while writing it (values may be mixed)"
+                           : "its worker was writing it for 50 ms (values may be mixed)";
+        }
         if (c->state == SLOT_FREE) {
             continue; /* claimed this instant, not yet written */
         }
         const char *invalid = validate_slot(c);
         if (invalid == NULL) {
-            settle_liveness(live, c, full_check, stale_after);
+            if (full_check) { /* forget the pidfd: ask /proc afresh */
+                mt_os_close(self->watch[i].fd);
+                self->watch[i].fd = -1;
+            }
+            settle_liveness(live, c, &self->watch[i]);
         }
         PyObject *w = PyStructSequence_New(st->WorkerStats);
         if (w == NULL) {
@@ -1013,9 +1093,7 @@ segment_read(SegmentObject *self, PyObject *args, PyObject *kwds)
             items[15] = PyFloat_FromDouble(c->joined);
             items[16] = PyBool_FromLong(c->flags & FLAG_PHASE_CUT);
             items[17] = PyLong_FromUnsignedLongLong(c->phase_overflow);
-            items[18] = torn ? PyUnicode_FromString(
-                                   "its writer died while writing it (values may be mixed)")
-                             : Py_NewRef(Py_None);
+            items[18] = torn_why ? PyUnicode_FromString(torn_why) : Py_NewRef(Py_None);
         }
         int bad = 0;
         for (int j = 0; j < 19; j++) {

@@ -61,6 +61,8 @@ class WorkerTable:
                  heartbeat: float = DEFAULT_HEARTBEAT) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int):
             raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
+        if not 1 <= capacity <= 4096:
+            raise ValueError(f"capacity must be between 1 and 4096 workers, not {capacity}")
         if not isinstance(heartbeat, (int, float)) or not (heartbeat == 0 or 0.001 <= heartbeat <= 3600):
             raise ValueError(f"heartbeat must be 0 (off) or 0.001..3600 seconds, not {heartbeat!r}")
         cleanup_stale()
@@ -267,20 +269,37 @@ def set_heartbeat(seconds: float) -> None:
 
 
 def _after_fork_in_child() -> None:
+    """A forked child claims its own slot: in the table its parent had joined, else in the
+    one MEMTRACK_TABLE names (a pool forked by a parent that set it after importing us)."""
     index = _core.rejoin()
     if index is not None:
         info = _core.worker_info()
         _joined(index, info[0] if info else "(table)")
+    elif os.environ.get(ENV_TABLE) and not _core.capabilities()["disabled"]:
+        _join_from_environment(in_forkserver=False)
 
 
 def _in_forkserver() -> bool:
-    """The forkserver process only forks workers: it must not take a slot itself."""
-    return any("multiprocessing.forkserver" in arg for arg in getattr(os.sys, "orig_argv", ()))
+    """The forkserver process only forks workers: it must not take a slot itself.
+
+    Its children inherit its command line, so a process is the forkserver only when its
+    own command line runs multiprocessing.forkserver and its parent's does not.
+    """
+    marker = "multiprocessing.forkserver"
+    if not any(marker in arg for arg in getattr(os.sys, "orig_argv", ())):
+        return False
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return marker.encode() not in f.read()
+    except OSError:
+        return True
 
 
-def _join_from_environment() -> None:
+def _join_from_environment(*, in_forkserver: bool | None = None) -> None:
     name = os.environ.get(ENV_TABLE)
-    if not name or _core.worker_info() is not None or _in_forkserver():
+    if in_forkserver is None:
+        in_forkserver = _in_forkserver()
+    if not name or _core.worker_info() is not None or in_forkserver:
         return
     try:
         init_worker(name)

@@ -458,9 +458,9 @@ mt_os_proc_identity(long pid, uint64_t *start_time)
         return MT_PROC_GONE;
     }
     char state = p[2];
-    p += 3;
-    /* Skip fields 4..21 to reach field 22 (starttime). */
-    for (int field = 3; field < 22 && p != NULL; field++) {
+    p += 3; /* the start of field 4 */
+    /* Each step moves to the space before the next field: 18 reach 22. */
+    for (int field = 4; field < 22 && p != NULL; field++) {
         p = strchr(p + 1, ' ');
     }
     if (p == NULL) {
@@ -512,4 +512,41 @@ mt_os_footprint_of(long pid, mt_footprint *fp, mt_oserr *e)
         return mt_fail(e, "read", "/proc/<pid>/smaps_rollup", EPROTO);
     }
     return 0;
+}
+
+/* A pidfd names one process for good, never a later one with its pid.
+ * -1 when the process is gone or the kernel lacks pidfd_open (< 5.3). */
+#include <poll.h>
+#include <sys/syscall.h>
+
+int
+mt_os_pidfd_open(long pid)
+{
+#ifdef SYS_pidfd_open
+    return (int)syscall(SYS_pidfd_open, (pid_t)pid, 0);
+#else
+    (void)pid;
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+/* 1 while the process runs, 0 once it has exited (zombie or reaped). */
+int
+mt_os_pidfd_alive(int fd)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    int r;
+    do {
+        r = poll(&p, 1, 0);
+    } while (r < 0 && errno == EINTR);
+    return r == 0;
+}
+
+void
+mt_os_close(int fd)
+{
+    if (fd >= 0) {
+        close(fd);
+    }
 }

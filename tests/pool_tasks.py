@@ -1,0 +1,51 @@
+"""Worker functions for pool tests: importable by spawn and forkserver children."""
+
+import os
+import signal
+import time
+
+import memtrack
+
+MB = 1024 * 1024
+
+
+def touch(nbytes):
+    buf = bytearray(nbytes)
+    for i in range(0, nbytes, 4096):
+        buf[i] = 1
+    return buf
+
+
+def analyze(mib):
+    """A task in two nested phases that spikes `mib` MiB in parse."""
+    with memtrack.phase("index"):
+        with memtrack.phase("parse"):
+            buf = touch(mib * MB)
+            time.sleep(0.02)
+            del buf
+    return os.getpid()
+
+
+def die_in_parse(mib):
+    """Grow `mib` MiB inside index/parse, then be killed by SIGKILL there."""
+    with memtrack.phase("index"):
+        with memtrack.phase("parse"):
+            buf = touch(mib * MB)
+            time.sleep(0.3)  # let the heartbeat publish the growth
+            os.kill(os.getpid(), signal.SIGKILL)
+            return len(buf)
+
+
+def slot_of_this_worker(_):
+    time.sleep(0.05)
+    return memtrack.worker_slot()
+
+
+def grow_slowly(steps):
+    """A long phase that grows in steps: the heartbeat must show it while it runs."""
+    keep = []
+    with memtrack.phase("long"):
+        for _ in range(steps):
+            keep.append(touch(20 * MB))
+            time.sleep(0.15)
+    return os.getpid()
