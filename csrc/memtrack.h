@@ -217,6 +217,7 @@ int mt_os_register_atfork(void (*prepare)(void), void (*parent)(void), void (*ch
 unsigned mt_os_missing(void);      /* MT_LACKS_* bits */
 double mt_os_monotonic(void);
 long mt_os_pid(void);
+int mt_os_trim(void); /* give free heap back to the OS; 1 if any was */
 int mt_os_rss(uint64_t *rss, mt_oserr *e);        /* fast path */
 int mt_os_hwm(uint64_t *hwm, mt_oserr *e);        /* fast, may be stale: see peak.c */
 int mt_os_hwm_exact(uint64_t *hwm, mt_oserr *e);  /* slow, never stale */

@@ -215,7 +215,19 @@ mt_use_sampler(PyObject *module, PyObject *reason)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+mt_trim(PyObject *module, PyObject *unused)
+{
+    int released;
+    Py_BEGIN_ALLOW_THREADS
+    released = mt_os_trim();
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(released);
+}
+
 static PyMethodDef module_methods[] = {
+    {"trim", mt_trim, METH_NOARGS,
+     "trim() -> bool: return free malloc heap to the OS (malloc_trim(0))."},
     {"rss", mt_rss, METH_NOARGS, "rss() -> int: resident set size in bytes (fast)."},
     {"peak_rss", mt_peak_rss, METH_NOARGS,
      "peak_rss() -> int: rss high-water mark since the last reset_peak(), bytes."},
