@@ -72,18 +72,16 @@ def _run_info(args: argparse.Namespace) -> int:
 command("info", "this process's readings and capabilities (the default)", _add_info, _run_info)
 
 
-def _register_optional() -> None:
-    """Commands from modules that may not exist yet in this build."""
-    try:
-        from . import sizing
-    except ImportError:
-        return
+def _register_commands() -> None:
+    from . import sizing, top
+
+    command("top", "live view of a worker table", top.add_top_arguments, top.run_top_command)
     command("workers", "how many workers this machine can afford",
             sizing.add_workers_parser, sizing.run_workers_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    _register_optional()
+    _register_commands()
     parser = argparse.ArgumentParser(
         prog="memtrack", description="Where the memory of a Python worker pool goes.")
     parser.add_argument("--version", action="version", version=f"memtrack {__version__}")
