@@ -125,10 +125,13 @@ int mt_peak_use_sampler(const char *reason, mt_oserr *e);
 int mt_peak_read_locked(uint64_t *peak, mt_oserr *e);
 int mt_peak_reset_locked(uint64_t *rss_after, mt_oserr *e);
 void mt_peak_after_fork_child(void);
-/* The largest mark seen since the worker joined (the slot's peak_rss). When
- * tracking, every reset first reads the mark it is about to lose. */
+/* Running maxima of every reading (every reset reads first, so nothing is
+ * lost): since the process or worker slot started (the slot's peak_rss),
+ * and since the last reset_peak() (what peak_rss() returns). */
 uint64_t mt_peak_lifetime_locked(void);
-void mt_peak_track_lifetime_locked(int on);
+void mt_peak_restart_lifetime_locked(uint64_t from);
+uint64_t mt_peak_user_locked(void);
+void mt_peak_restart_user_locked(uint64_t from);
 
 /* ------------------------------------------------------------------------ */
 /* phase.c: the phase stack, the open-phase registry, records and summary.   */
@@ -139,7 +142,6 @@ int mt_phase_init(void);
 void mt_phase_after_fork_child(void);
 /* Fold a high-water mark into every open phase; phase_lock held. */
 void mt_phase_fold_locked(uint64_t hwm);
-int mt_phase_open_locked(void); /* any phase open? phase_lock held */
 extern PyType_Spec mt_phase_spec;
 PyObject *mt_summary(PyObject *module, PyObject *unused);
 PyObject *mt_records(PyObject *module, PyObject *unused);

@@ -23,11 +23,12 @@ static struct {
     /* Written under phase_lock; read anywhere (capabilities()). */
     _Atomic int method;
     char reason[160]; /* Protected by phase_lock (written once per switch). */
-    /* getrusage's ru_maxrss also holds signal->maxrss, raised by every
-     * thread exit and never reset. When the value read right after a reset
-     * is above RSS, it is that floor, and a later reading at or below it
-     * says nothing: the exact (slow) /proc/self/status read is used then.
-     * Protected by phase_lock. */
+    /* getrusage's ru_maxrss is max(high-water mark, signal->maxrss). The
+     * kernel sets signal->maxrss at exec (to the peak of the image the
+     * process replaced) and at group exit, never at a reset. So it is one
+     * constant per exec'd image: measured once at start, 0 in a forked child.
+     * A reading at or below it says nothing; the exact (slower)
+     * /proc/self/status read is used then. Protected by phase_lock. */
     uint64_t sticky_floor;
     /* The sampler's high-water mark: raised by the sampler thread, lowered
      * by a reset under phase_lock; atomic so that both can touch it. */
@@ -35,8 +36,11 @@ static struct {
     _Atomic bool sampler_running; /* cleared to stop, and in a forked child */
     thrd_t sampler;               /* Protected by phase_lock. */
     double interval;              /* Written once at init. */
-    uint64_t lifetime;            /* Protected by phase_lock. */
-    int track_lifetime;           /* Protected by phase_lock. */
+    /* Every reading of the mark raises these; every reset is preceded by a
+     * reading, so no peak between two resets is lost. Protected by
+     * phase_lock. */
+    uint64_t lifetime;  /* since the process (or worker slot) started */
+    uint64_t user_peak; /* since the last reset_peak(): what peak_rss() says */
 } peak = {.method = MT_PEAK_KERNEL, .interval = SAMPLER_INTERVAL};
 
 static void
@@ -91,6 +95,20 @@ mt_peak_use_sampler(const char *reason, mt_oserr *e)
     return start_sampler(e);
 }
 
+/* Right after a reset the mark equals RSS; a larger ru_maxrss is the
+ * exec floor. RSS may grow between the two reads, hence the slack. */
+static int
+measure_sticky_floor(mt_oserr *e)
+{
+    uint64_t hwm, rss;
+    if (mt_os_reset_hwm(e) < 0 || mt_os_rss(&rss, e) < 0 || mt_os_hwm(&hwm, e) < 0) {
+        return -1;
+    }
+    peak.sticky_floor = hwm > rss + STICKY_SLACK ? hwm : 0;
+    peak.lifetime = peak.user_peak = rss;
+    return 0;
+}
+
 int
 mt_peak_init(mt_oserr *e)
 {
@@ -112,7 +130,7 @@ mt_peak_init(mt_oserr *e)
                  refused.path ? refused.path : "", strerror(refused.err));
         return mt_peak_use_sampler(reason, e);
     }
-    return 0;
+    return measure_sticky_floor(e);
 }
 
 mt_peak_method
@@ -142,20 +160,21 @@ mt_peak_read_locked(uint64_t *out, mt_oserr *e)
             return -1;
         }
         raise_soft_hwm(hwm);
-        *out = atomic_load(&peak.soft_hwm);
-        if (*out > peak.lifetime) {
-            peak.lifetime = *out;
+        hwm = atomic_load(&peak.soft_hwm);
+    }
+    else {
+        if (mt_os_hwm(&hwm, e) < 0) {
+            return -1;
         }
-        return 0;
-    }
-    if (mt_os_hwm(&hwm, e) < 0) {
-        return -1;
-    }
-    if (peak.sticky_floor != 0 && hwm <= peak.sticky_floor && mt_os_hwm_exact(&hwm, e) < 0) {
-        return -1;
+        if (peak.sticky_floor != 0 && hwm <= peak.sticky_floor && mt_os_hwm_exact(&hwm, e) < 0) {
+            return -1;
+        }
     }
     if (hwm > peak.lifetime) {
         peak.lifetime = hwm;
+    }
+    if (hwm > peak.user_peak) {
+        peak.user_peak = hwm;
     }
     *out = hwm;
     return 0;
@@ -168,22 +187,33 @@ mt_peak_lifetime_locked(void)
 }
 
 void
-mt_peak_track_lifetime_locked(int on)
+mt_peak_restart_lifetime_locked(uint64_t from)
 {
-    peak.track_lifetime = on;
-    peak.lifetime = 0;
+    peak.lifetime = from;
+}
+
+uint64_t
+mt_peak_user_locked(void)
+{
+    return peak.user_peak;
+}
+
+void
+mt_peak_restart_user_locked(uint64_t from)
+{
+    peak.user_peak = from;
 }
 
 int
 mt_peak_reset_locked(uint64_t *rss_after, mt_oserr *e)
 {
     uint64_t hwm, rss;
-    if (mt_phase_open_locked() || peak.track_lifetime) {
-        if (mt_peak_read_locked(&hwm, e) < 0) {
-            return -1;
-        }
-        mt_phase_fold_locked(hwm);
+    /* Read the mark about to be lost, and give it to every open phase and
+     * to the lifetime and user peaks. */
+    if (mt_peak_read_locked(&hwm, e) < 0) {
+        return -1;
     }
+    mt_phase_fold_locked(hwm);
     if (mt_peak_method_in_force() == MT_PEAK_KERNEL) {
         mt_oserr refused;
         if (mt_os_reset_hwm(&refused) < 0) {
@@ -205,12 +235,6 @@ mt_peak_reset_locked(uint64_t *rss_after, mt_oserr *e)
         }
         atomic_store(&peak.soft_hwm, rss);
     }
-    else {
-        if (mt_os_hwm(&hwm, e) < 0) {
-            return -1;
-        }
-        peak.sticky_floor = hwm > rss + STICKY_SLACK ? hwm : 0;
-    }
     *rss_after = rss;
     return 0;
 }
@@ -219,9 +243,13 @@ void
 mt_peak_after_fork_child(void)
 {
     /* The sampler thread did not survive fork(); the next read restarts it.
-     * The child's kernel mark starts fresh, so no floor carries over. */
+     * A forked child's ru_maxrss floor is 0 (its signal struct is new), and
+     * its peaks start at its own memory. */
     atomic_store(&peak.sampler_running, false);
     peak.sticky_floor = 0;
-    peak.track_lifetime = 0; /* until the child claims its own slot */
-    peak.lifetime = 0;
+    uint64_t rss = 0;
+    mt_oserr ignored;
+    if (mt_os_rss(&rss, &ignored) == 0) { /* descriptors reopened already */
+        peak.lifetime = peak.user_peak = rss;
+    }
 }

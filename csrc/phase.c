@@ -235,12 +235,6 @@ intern_locked(uint32_t parent, uint32_t depth, const char *name, size_t len)
 /* ------------------------------------------------------------------------ */
 /* The open-phase registry                                                   */
 
-int
-mt_phase_open_locked(void)
-{
-    return ph.nopen != 0;
-}
-
 void
 mt_phase_fold_locked(uint64_t hwm)
 {

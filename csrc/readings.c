@@ -25,6 +25,7 @@ mt_peak_rss(PyObject *module, PyObject *unused)
     mt_oserr e;
     mtx_lock(&mt_phase_lock);
     int rc = mt_peak_read_locked(&peak, &e);
+    peak = mt_peak_user_locked();
     mtx_unlock(&mt_phase_lock);
     if (rc < 0) {
         mt_raise_oserr(&e);
@@ -40,6 +41,9 @@ mt_reset_peak(PyObject *module, PyObject *unused)
     mt_oserr e;
     mtx_lock(&mt_phase_lock);
     int rc = mt_peak_reset_locked(&rss, &e);
+    if (rc == 0) {
+        mt_peak_restart_user_locked(rss);
+    }
     mtx_unlock(&mt_phase_lock);
     if (rc < 0) {
         mt_raise_oserr(&e);
@@ -58,19 +62,19 @@ mt_snapshot(PyObject *module, PyObject *unused)
         mt_raise_oserr(&e);
         return NULL;
     }
-    /* The kernel mark may have been reset since a larger peak that a phase
-     * still holds; the sampler's mark may be above VmHWM. Report the
-     * process's peak as this module knows it. */
+    /* VmHWM restarts at every phase; report the peak since reset_peak(). */
     uint64_t peak;
     mtx_lock(&mt_phase_lock);
     int rc = mt_peak_read_locked(&peak, &e);
+    peak = mt_peak_user_locked();
     mtx_unlock(&mt_phase_lock);
     if (rc < 0) {
         mt_raise_oserr(&e);
         return NULL;
     }
-    if (peak > s.peak_rss) {
-        s.peak_rss = peak;
+    s.peak_rss = peak; /* since reset_peak(), like peak_rss() */
+    if (s.rss > s.peak_rss) {
+        s.peak_rss = s.rss;
     }
     PyObject *out = PyStructSequence_New(st->Sample);
     if (out == NULL) {

@@ -633,7 +633,7 @@ mt_worker_join(PyObject *module, PyObject *arg)
         wk.slot = SLOT_AT(h, index);
         wk.index = index;
         wk.generation++;
-        mt_peak_track_lifetime_locked(1);
+        mt_peak_restart_lifetime_locked(0);
         start_heartbeat_locked();
         result = (long)index;
     }
@@ -659,7 +659,7 @@ mt_worker_rejoin(PyObject *module, PyObject *unused)
             wk.slot = SLOT_AT(wk.seg, index);
             wk.index = index;
             wk.generation++;
-            mt_peak_track_lifetime_locked(1);
+            mt_peak_restart_lifetime_locked(0);
             start_heartbeat_locked();
             result = (long)index;
         }

@@ -77,6 +77,19 @@ def test_peak_is_not_the_parents_in_a_spawned_child():
     assert 7 * MB <= phase_peak < 12 * MB
 
 
+def test_peak_rss_is_not_reset_by_phases():
+    # given a spike after reset_peak(), then phases (each resets the kernel mark)
+    memtrack.reset_peak()
+    buf = touch(96 * MB)
+    del buf
+    for _ in range(3):
+        with memtrack.phase("in-between"):
+            pass
+    # then peak_rss() still reports the spike: phases fold the mark before resetting
+    assert memtrack.peak_rss() - memtrack.rss() > 90 * MB
+    assert memtrack.snapshot().peak_rss == memtrack.peak_rss()
+
+
 def test_capabilities_report_the_kernel_method_here():
     caps = memtrack.capabilities()
     assert caps["platform"] == "linux"
@@ -86,7 +99,9 @@ def test_capabilities_report_the_kernel_method_here():
 
 
 def test_forked_child_reports_its_own_memory():
-    # given a child forked before the parent grows by 256 MiB
+    # given a parent whose peak is high, and a child forked before it grows by 256 MiB
+    spike = touch(200 * MB)
+    del spike
     r, w = os.pipe()
     r2, w2 = os.pipe()
     pid = os.fork()
@@ -94,7 +109,6 @@ def test_forked_child_reports_its_own_memory():
         os.close(w)
         os.read(r, 1)
         statm_rss = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGESIZE")
-        memtrack.reset_peak()
         os.write(w2, f"{memtrack.rss()} {statm_rss} {memtrack.peak_rss()}".encode())
         os._exit(0)
     os.close(r)
