@@ -131,6 +131,8 @@ void mt_peak_after_fork_child(void);
 uint64_t mt_peak_lifetime_locked(void);
 void mt_peak_restart_lifetime_locked(uint64_t from);
 uint64_t mt_peak_user_locked(void);
+/* The exact peak since the previous call (then resets the mark), and rss. */
+int mt_peak_take_window_locked(uint64_t *window, uint64_t *rss, mt_oserr *e);
 void mt_peak_restart_user_locked(uint64_t from);
 
 /* ------------------------------------------------------------------------ */
@@ -142,6 +144,8 @@ int mt_phase_init(void);
 void mt_phase_after_fork_child(void);
 /* Fold a high-water mark into every open phase; phase_lock held. */
 void mt_phase_fold_locked(uint64_t hwm);
+/* Path of the most recently entered phase still open, "" for none. */
+void mt_phase_current_locked(char *buf, size_t size);
 extern PyType_Spec mt_phase_spec;
 PyObject *mt_summary(PyObject *module, PyObject *unused);
 PyObject *mt_records(PyObject *module, PyObject *unused);
@@ -165,12 +169,42 @@ typedef struct {
     double duration;
 } mt_worker_exit;
 
+/* A reader's watch on one slot owner (segment.c): a pidfd for the exact
+ * process it verified, so a reused pid never passes for the owner. */
+typedef struct {
+    int fd; /* -1: none */
+    int64_t pid;
+    uint64_t start_time;
+} mt_watch;
+
+/* What the recorder needs of a slot. */
+typedef struct {
+    uint32_t slot;
+    int64_t pid;
+    const char *state; /* "idle", "running", "exited", "killed" */
+    int alive;
+    uint64_t rss, peak_rss, uss, pss, tasks, last_task_rss;
+    double last_task_time, joined;
+    int has_exit_code, has_exit_signal;
+    int32_t exit_code, exit_signal;
+    char phase[256];
+} mt_worker_view;
+
+#define MT_SLOT_BYTES 8192 /* a slot; mt_seg_view copies one into `scratch` */
+
+void *mt_seg_attach(const char *name, size_t *size, const char **why, mt_oserr *e);
+uint32_t mt_seg_capacity(const void *seg);
+/* 0: a claimed slot (liveness settled), 1: free, -1: corrupt. */
+int mt_seg_view(void *seg, uint32_t i, mt_watch *w, void *scratch, mt_worker_view *v);
+uint64_t mt_seg_take_window(void *seg, uint32_t i);
+
 int mt_worker_init(void);
 void mt_worker_after_fork_child(void);
 int mt_worker_joined_locked(void);
 void mt_worker_on_enter_locked(const char *path, size_t len, uint32_t depth, uint64_t rss);
 void mt_worker_on_exit_locked(const mt_worker_exit *x, int *entry_cache, uint32_t *entry_gen);
 extern PyType_Spec mt_segment_spec;
+extern PyType_Spec mt_recorder_spec; /* sampler.c */
 PyObject *mt_worker_join(PyObject *module, PyObject *name);
 PyObject *mt_worker_rejoin(PyObject *module, PyObject *unused);
 PyObject *mt_worker_leave(PyObject *module, PyObject *unused);
@@ -200,6 +234,9 @@ typedef struct mt_packer mt_packer;
 mt_packer *mt_packer_new(void);
 void mt_packer_free(mt_packer *p);
 PyObject *mt_packer_bytes(mt_packer *p);
+size_t mt_packer_size(const mt_packer *p);
+const char *mt_packer_data(const mt_packer *p);
+void mt_packer_clear(mt_packer *p);
 int mt_pack_map(mt_packer *p, size_t n);
 int mt_pack_array(mt_packer *p, size_t n);
 int mt_pack_key(mt_packer *p, const char *key);
@@ -241,6 +278,9 @@ int mt_os_proc_identity(long pid, uint64_t *start_time);
 int mt_os_pid_exists(long pid);
 int mt_os_child_status(long pid, int *exit_code, int *exit_signal);
 int mt_os_footprint_of(long pid, mt_footprint *fp, mt_oserr *e);
+int mt_os_proc_memory(long pid, uint64_t *rss, uint64_t *hwm);
+int mt_os_children(long pid, long *out, size_t *n, size_t max);
+int mt_os_write_all(int fd, const char *buf, size_t len, mt_oserr *e);
 int mt_os_pidfd_open(long pid);
 int mt_os_pidfd_alive(int fd);
 void mt_os_close(int fd);

@@ -299,6 +299,12 @@ module_exec(PyObject *module)
         || PyModule_AddObjectRef(module, "Segment", (PyObject *)st->Segment) < 0) {
         return -1;
     }
+    PyObject *recorder = PyType_FromModuleAndSpec(module, &mt_recorder_spec, NULL);
+    if (recorder == NULL || PyModule_AddObjectRef(module, "Recorder", recorder) < 0) {
+        Py_XDECREF(recorder);
+        return -1;
+    }
+    Py_DECREF(recorder);
     st->TableError = PyErr_NewExceptionWithDoc(
         "memtrack.TableError",
         "A worker table segment is not usable: wrong magic, version or size.",

@@ -44,6 +44,10 @@ mt_packer_bytes(mt_packer *p)
     return PyBytes_FromStringAndSize(p->buf.data ? p->buf.data : "", (Py_ssize_t)p->buf.size);
 }
 
+size_t mt_packer_size(const mt_packer *p) { return p->buf.size; }
+const char *mt_packer_data(const mt_packer *p) { return p->buf.data; }
+void mt_packer_clear(mt_packer *p) { msgpack_sbuffer_clear(&p->buf); }
+
 /* Each returns 0, or -1 when the buffer could not grow. */
 int mt_pack_map(mt_packer *p, size_t n) { return msgpack_pack_map(&p->pk, n) ? -1 : 0; }
 int mt_pack_array(mt_packer *p, size_t n) { return msgpack_pack_array(&p->pk, n) ? -1 : 0; }

@@ -41,6 +41,7 @@ static struct {
      * phase_lock. */
     uint64_t lifetime;  /* since the process (or worker slot) started */
     uint64_t user_peak; /* since the last reset_peak(): what peak_rss() says */
+    uint64_t window;    /* since the recorder last took it */
 } peak = {.method = MT_PEAK_KERNEL, .interval = SAMPLER_INTERVAL};
 
 static void
@@ -176,7 +177,26 @@ mt_peak_read_locked(uint64_t *out, mt_oserr *e)
     if (hwm > peak.user_peak) {
         peak.user_peak = hwm;
     }
+    if (hwm > peak.window) {
+        peak.window = hwm;
+    }
     *out = hwm;
+    return 0;
+}
+
+int
+mt_peak_take_window_locked(uint64_t *window, uint64_t *rss, mt_oserr *e)
+{
+    uint64_t hwm;
+    if (mt_peak_read_locked(&hwm, e) < 0) {
+        return -1;
+    }
+    *window = peak.window;
+    /* Reset, so that the next window holds only what comes after now. */
+    if (mt_peak_reset_locked(rss, e) < 0) {
+        return -1;
+    }
+    peak.window = *rss;
     return 0;
 }
 

@@ -11,6 +11,7 @@
  */
 #include "memtrack.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -243,6 +244,16 @@ mt_phase_fold_locked(uint64_t hwm)
             f->peak = hwm;
         }
     }
+}
+
+void
+mt_phase_current_locked(char *buf, size_t size)
+{
+    const char *path = "";
+    if (ph.open.prev != &ph.open) {
+        path = ph.paths[ph.open.prev->path_id].path;
+    }
+    snprintf(buf, size, "%s", path);
 }
 
 static void

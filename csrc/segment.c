@@ -77,7 +77,12 @@ typedef struct {
     uint64_t phase_overflow; /* phase ends whose path found no free entry */
     char phase[SLOT_PATH];  /* current phase path, NUL-terminated */
     mt_slot_phase phases[SLOT_PHASES];
-    uint8_t reserved[SLOT_SIZE - 384 - SLOT_PHASES * sizeof(mt_slot_phase)];
+    uint64_t last_task_rss;       /* rss when the last task (outermost phase) ended */
+    double last_task_time;        /* its CLOCK_MONOTONIC time */
+    /* The largest peak since a recorder last took it: raised by the owner,
+     * swapped to 0 by a recorder (memtrack.record). */
+    _Atomic uint64_t window_peak;
+    uint8_t reserved[SLOT_SIZE - 8088];
 } mt_slot;
 
 static_assert(sizeof(mt_seg_header) == SEG_HEADER_SIZE, "header size");
@@ -85,7 +90,7 @@ static_assert(offsetof(mt_seg_header, capacity) == 16, "header layout");
 static_assert(offsetof(mt_seg_header, creator_pid) == 24, "header layout");
 static_assert(offsetof(mt_seg_header, heartbeat_ms) == 48, "header layout");
 static_assert(sizeof(mt_slot_phase) == 160, "phase entry size");
-static_assert(sizeof(mt_slot) == SLOT_SIZE, "slot size");
+static_assert(sizeof(mt_slot) == SLOT_SIZE && SLOT_SIZE == MT_SLOT_BYTES, "slot size");
 static_assert(offsetof(mt_slot, owner) == 8, "slot layout");
 static_assert(offsetof(mt_slot, state) == 32, "slot layout");
 static_assert(offsetof(mt_slot, rss) == 40, "slot layout");
@@ -93,6 +98,8 @@ static_assert(offsetof(mt_slot, updated) == 88, "slot layout");
 static_assert(offsetof(mt_slot, nphases) == 116, "slot layout");
 static_assert(offsetof(mt_slot, phase) == 128, "slot layout");
 static_assert(offsetof(mt_slot, phases) == 384, "slot layout");
+static_assert(offsetof(mt_slot, last_task_rss) == 8064, "slot layout");
+static_assert(offsetof(mt_slot, window_peak) == 8080, "slot layout");
 static_assert(sizeof(_Atomic uint64_t) == 8 && sizeof(_Atomic int64_t) == 8, "atomics");
 
 #define SEG_SIZE(cap) ((size_t)SEG_HEADER_SIZE + (size_t)(cap) * SLOT_SIZE)
@@ -172,6 +179,8 @@ read_slot(const mt_slot *s, mt_slot *out)
         memcpy((char *)out, (const char *)s, offsetof(mt_slot, phases));
         uint32_t n = out->nphases < SLOT_PHASES ? out->nphases : SLOT_PHASES;
         memcpy(out->phases, s->phases, n * sizeof(mt_slot_phase));
+        out->last_task_rss = s->last_task_rss;
+        out->last_task_time = s->last_task_time;
         atomic_thread_fence(memory_order_acquire);
         uint64_t q2 = atomic_load_explicit(&s->seq, memory_order_relaxed);
         if (q1 == q2) {
@@ -200,6 +209,14 @@ copy_path(char *dst, size_t size, const char *src, size_t len, uint32_t *flags)
     }
     memcpy(dst, src, len);
     memset(dst + len, 0, size - len);
+}
+
+static void
+raise_window(mt_slot *s, uint64_t value)
+{
+    uint64_t seen = atomic_load_explicit(&s->window_peak, memory_order_relaxed);
+    while (value > seen && !atomic_compare_exchange_weak(&s->window_peak, &seen, value)) {
+    }
 }
 
 /* ------------------------------------------------------------------------ */
@@ -393,6 +410,7 @@ heartbeat_main(void *unused)
             if (rss > s->peak_rss) {
                 s->peak_rss = rss;
             }
+            raise_window(s, peak > rss ? peak : rss);
             if (have_fp) {
                 s->uss = fp.uss;
                 s->pss = fp.pss;
@@ -487,6 +505,7 @@ mt_worker_on_enter_locked(const char *path, size_t len, uint32_t depth, uint64_t
     if (rss > s->peak_rss) {
         s->peak_rss = rss;
     }
+    raise_window(s, rss);
     s->updated = mt_os_monotonic();
     write_end(s);
 }
@@ -531,8 +550,11 @@ mt_worker_on_exit_locked(const mt_worker_exit *x, int *entry_cache, uint32_t *en
         s->peak_rss = x->rss_end;
     }
     s->heap_used = x->heap_used;
+    raise_window(s, x->peak_rss > x->rss_end ? x->peak_rss : x->rss_end);
     if (x->outermost) {
         s->tasks++;
+        s->last_task_rss = x->rss_end;
+        s->last_task_time = mt_os_monotonic();
     }
     int entry = (*entry_gen == wk.generation) ? *entry_cache : -2;
     if (entry < -1 || entry >= (int)SLOT_PHASES) {
@@ -696,9 +718,16 @@ mt_worker_task_done(PyObject *module, PyObject *unused)
 {
     mtx_lock(&mt_phase_lock);
     if (wk.slot != NULL) {
+        uint64_t rss = 0;
+        mt_oserr e;
+        int have = mt_os_rss(&rss, &e) == 0;
         write_begin(wk.slot);
         wk.slot->tasks++;
-        wk.slot->updated = mt_os_monotonic();
+        wk.slot->updated = wk.slot->last_task_time = mt_os_monotonic();
+        if (have) {
+            wk.slot->last_task_rss = rss;
+            wk.slot->rss = rss;
+        }
         write_end(wk.slot);
     }
     mtx_unlock(&mt_phase_lock);
@@ -749,11 +778,6 @@ mt_worker_set_heartbeat(PyObject *module, PyObject *arg)
 /* What this reader knows about a slot's owner: a pidfd for the exact
  * process (pid, start_time) it verified, so later liveness checks are one
  * poll() and a reused pid can never pass for the owner. */
-typedef struct {
-    int fd; /* -1: none */
-    int64_t pid;
-    uint64_t start_time;
-} mt_watch;
 
 typedef struct {
     PyObject_HEAD
@@ -1300,4 +1324,72 @@ mt_unlink_segment(PyObject *module, PyObject *arg)
         return NULL;
     }
     Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------ */
+/* For the recorder (sampler.c): attach by name and read slots as views.    */
+
+void *
+mt_seg_attach(const char *name, size_t *size, const char **why, mt_oserr *e)
+{
+    void *addr = NULL;
+    *why = NULL;
+    if (mt_os_shm_attach(name, &addr, size, e) < 0) {
+        return NULL;
+    }
+    *why = addr ? check_header(addr, *size) : "it is empty";
+    if (*why != NULL) {
+        mt_os_shm_detach(addr, *size);
+        return NULL;
+    }
+    return addr;
+}
+
+uint32_t
+mt_seg_capacity(const void *seg)
+{
+    return ((const mt_seg_header *)seg)->capacity;
+}
+
+/* `scratch`: MT_SLOT_BYTES from malloc (suitably aligned for a slot). */
+int
+mt_seg_view(void *seg, uint32_t i, mt_watch *w, void *scratch, mt_worker_view *v)
+{
+    mt_slot *live = SLOT_AT(seg, i);
+    mt_slot *c = scratch;
+    if (atomic_load_explicit(&live->owner, memory_order_acquire) == 0) {
+        return 1;
+    }
+    read_slot(live, c);
+    if (c->state == SLOT_FREE) {
+        return 1;
+    }
+    if (validate_slot(c) != NULL) {
+        return -1;
+    }
+    settle_liveness(live, c, w);
+    v->slot = i;
+    v->pid = c->pid;
+    v->state = state_names[c->state];
+    v->alive = c->state == SLOT_IDLE || c->state == SLOT_RUNNING;
+    v->rss = c->rss;
+    v->peak_rss = c->peak_rss;
+    v->uss = c->uss;
+    v->pss = c->pss;
+    v->tasks = c->tasks;
+    v->last_task_rss = c->last_task_rss;
+    v->last_task_time = c->last_task_time;
+    v->joined = c->joined;
+    v->has_exit_code = (c->flags & FLAG_EXIT_CODE) != 0;
+    v->has_exit_signal = (c->flags & FLAG_EXIT_SIGNAL) != 0;
+    v->exit_code = c->exit_code;
+    v->exit_signal = c->exit_signal;
+    memcpy(v->phase, c->phase, sizeof v->phase);
+    return 0;
+}
+
+uint64_t
+mt_seg_take_window(void *seg, uint32_t i)
+{
+    return atomic_exchange(&SLOT_AT(seg, i)->window_peak, 0);
 }

@@ -47,6 +47,7 @@ from .table import (  # noqa: E402
     worker_slot,
 )
 from . import table as _table  # noqa: E402
+from .recording import record  # noqa: E402
 from .limits import SystemMemory, cpu_limit, system_memory  # noqa: E402
 from .sizing import WorkerPlan, calculate_max_workers, plan_workers  # noqa: E402
 
@@ -88,12 +89,15 @@ _core.set_disabled(_env_flag("MEMTRACK_DISABLE"))
 _table._register_process_hooks()
 if not _env_flag("MEMTRACK_DISABLE"):
     _table._join_from_environment()
+    from . import recording as _recording
+
+    _recording._record_from_environment()
 
 __all__ = [
     "Footprint", "PhaseStats", "PhaseSummary", "Profile", "ProfileError", "RecordList", "Sample",
     "SystemMemory", "TableError", "Totals", "WorkerPlan", "WorkerStats", "WorkerTable",
     "calculate_max_workers", "capabilities", "cleanup_stale", "configure", "cpu_limit", "dump",
     "explain_broken_pool", "footprint", "format_size", "init_worker", "load", "parse_size",
-    "peak_rss", "phase", "plan_workers", "records", "reset", "reset_peak", "rss",
+    "peak_rss", "phase", "plan_workers", "record", "records", "reset", "reset_peak", "rss",
     "set_heartbeat", "snapshot", "summary", "system_memory", "task_done", "worker_slot",
 ]

@@ -71,6 +71,7 @@ class WorkerTable:
         self._segment = _core.Segment(name, capacity=capacity, heartbeat_ms=round(heartbeat * 1000))
         self._owner = True
         self._finalizer = weakref.finalize(self, self._segment.close)
+        _open_tables.append(weakref.ref(self))
 
     @classmethod
     def attach(cls, name: str) -> WorkerTable:
@@ -142,6 +143,18 @@ class WorkerTable:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"capacity={self.capacity}"
         return f"<WorkerTable {self.name} {state}>"
+
+
+_open_tables: list[weakref.ref[WorkerTable]] = []
+
+
+def _latest_open_table() -> WorkerTable | None:
+    """The table this process created most recently and has not closed, if any."""
+    for ref in reversed(_open_tables):
+        table = ref()
+        if table is not None and not table.closed:
+            return table
+    return None
 
 
 def _normalise(name: str) -> str:

@@ -564,3 +564,89 @@ mt_os_close(int fd)
         close(fd);
     }
 }
+
+/* ------------------------------------------------------------------------ */
+/* Other processes' memory and the process tree (memtrack run).             */
+
+#include <dirent.h>
+
+int
+mt_os_proc_memory(long pid, uint64_t *rss, uint64_t *hwm)
+{
+    char path[64], buf[8192];
+    snprintf(path, sizeof path, "/proc/%ld/status", pid);
+    int fd = open_cloexec(path, O_RDONLY);
+    if (fd < 0) {
+        return -1;
+    }
+    ssize_t n;
+    do {
+        n = read(fd, buf, sizeof buf - 1);
+    } while (n < 0 && errno == EINTR);
+    close(fd);
+    if (n <= 0) {
+        return -1;
+    }
+    buf[n] = '\0';
+    *rss = *hwm = 0;
+    if (!find_kb(buf, "VmRSS", rss)) {
+        return -1; /* a zombie or a kernel thread: no memory to report */
+    }
+    find_kb(buf, "VmHWM", hwm);
+    return 0;
+}
+
+/* Children of every thread of `pid` (/proc/<pid>/task/<tid>/children),
+ * appended to out[*n..max). Returns -1 when the process is gone. */
+int
+mt_os_children(long pid, long *out, size_t *n, size_t max)
+{
+    char path[96];
+    snprintf(path, sizeof path, "/proc/%ld/task", pid);
+    DIR *d = opendir(path);
+    if (d == NULL) {
+        return -1;
+    }
+    struct dirent *ent;
+    while ((ent = readdir(d)) != NULL) {
+        if (ent->d_name[0] < '0' || ent->d_name[0] > '9') {
+            continue;
+        }
+        char file[128], buf[4096];
+        snprintf(file, sizeof file, "/proc/%ld/task/%.20s/children", pid, ent->d_name);
+        int fd = open_cloexec(file, O_RDONLY);
+        if (fd < 0) {
+            continue;
+        }
+        ssize_t len = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (len <= 0) {
+            continue;
+        }
+        buf[len] = '\0';
+        char *p = buf, *end;
+        for (long child = strtol(p, &end, 10); end != p && *n < max;
+             p = end, child = strtol(p, &end, 10)) {
+            out[(*n)++] = child;
+        }
+    }
+    closedir(d);
+    return 0;
+}
+
+int
+mt_os_write_all(int fd, const char *buf, size_t len, mt_oserr *e)
+{
+    while (len > 0) {
+        ssize_t w = write(fd, buf, len);
+        if (w < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            return mt_fail(e, "write", NULL, errno);
+        }
+        buf += w;
+        len -= (size_t)w;
+    }
+    return 0;
+}

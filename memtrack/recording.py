@@ -1,0 +1,182 @@
+"""``memtrack.record(path)``: a timeline of this process and its worker pool, as a profile.
+
+A native thread samples every ``interval`` seconds (without the GIL) and appends msgpack
+records to `path` in chunks, so a run that is killed leaves a file readable up to its last
+chunk (``memtrack.load(path, partial=True)``). See docs/format.md for the records.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import threading
+import time
+from typing import Any
+
+from . import _core
+from .profile import _header
+from .table import WorkerTable, _latest_open_table
+
+ENV_PROFILE = "MEMTRACK_PROFILE"
+ENV_INTERVAL = "MEMTRACK_INTERVAL"
+DEFAULT_INTERVAL = 0.05
+
+
+def default_interval() -> float:
+    """``MEMTRACK_INTERVAL`` (seconds) when set and valid, else 0.05."""
+    text = os.environ.get(ENV_INTERVAL)
+    if not text:
+        return DEFAULT_INTERVAL
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{ENV_INTERVAL}={text!r} is not a number of seconds") from None
+    if not 0.001 <= value <= 3600:
+        raise ValueError(f"{ENV_INTERVAL}={text!r} must be between 0.001 and 3600 seconds")
+    return value
+
+
+def _limits() -> tuple[dict[str, Any], int]:
+    from .limits import cpu_limit, system_memory
+
+    try:
+        limits = dataclasses.asdict(system_memory())
+    except (OSError, ValueError) as e:
+        limits = {"error": str(e)}
+    return limits, cpu_limit()
+
+
+def _worker_record(w: _core.WorkerStats) -> dict[str, Any]:
+    return {
+        "t": "worker", "pid": w.pid, "slot": w.slot, "state": w.state, "tasks": w.tasks,
+        "rss": w.rss, "peak_rss": w.peak_rss, "uss": w.uss, "pss": w.pss, "phase": w.phase,
+        "exit_code": w.exit_code, "exit_signal": w.exit_signal, "joined": w.joined,
+        "updated": w.updated, "error": w.error,
+        "phases": {path: {"count": s.count, "total_time": s.total_time,
+                          "max_peak_rss": s.max_peak_rss, "max_peak_delta": s.max_peak_delta,
+                          "total_rss_delta": s.total_rss_delta}
+                   for path, s in (w.phases or {}).items()},
+    }
+
+
+def _phase_record(s: _core.PhaseStats) -> dict[str, Any]:
+    return {"t": "phase", "name": s.name, "path": s.path, "pid": s.pid, "thread_id": s.thread_id,
+            "start": s.start, "duration": s.duration, "rss_start": s.rss_start,
+            "rss_end": s.rss_end, "peak_rss": s.peak_rss, "heap_delta": s.heap_delta,
+            "error": s.error}
+
+
+class record:
+    """Record a memory timeline of this process (and of a worker pool) to `path`.
+
+    ``with memtrack.record("run.mtp"):`` samples this process every `interval` seconds
+    (default 0.05, or ``MEMTRACK_INTERVAL``): rss, the exact peak since the previous
+    sample, pss every `pss_every` samples, the current phase. When a :class:`WorkerTable`
+    is open (`table`, or else the latest one this process opened) every worker slot is
+    sampled too, with join/exit/death/phase/task events and the pool total. With
+    `root_pid` every descendant of that process is sampled through ``/proc`` as well,
+    memtrack-aware or not. At the end the file gets each worker's summary, this process's
+    phases and summary, and an end record.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], interval: float | None = None, *,
+                 table: WorkerTable | None = None, root_pid: int | None = None,
+                 pss_every: int = 10, command: list[str] | None = None) -> None:
+        self.path = os.fspath(path)
+        self.interval = default_interval() if interval is None else float(interval)
+        if not 0.001 <= self.interval <= 3600:
+            raise ValueError(f"interval must be between 0.001 and 3600 seconds, not {interval!r}")
+        if isinstance(pss_every, bool) or not isinstance(pss_every, int) or pss_every < 1:
+            raise ValueError(f"pss_every must be a positive int, not {pss_every!r}")
+        self.table = table
+        self.root_pid = root_pid
+        self.pss_every = pss_every
+        self.command = command
+        self.status: dict[str, Any] | None = None
+        self._recorder: Any = None
+        self._fd = -1
+        self._started = 0.0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> record:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._recorder is not None:
+                raise RuntimeError("this recording is already running")
+            table = self.table if self.table is not None else _latest_open_table()
+            self.table = table
+            header = _header("recording")
+            limits, cpus = _limits()
+            header.update(interval=self.interval, limits=limits, cpu_limit=cpus,
+                          table=table.name if table else None, command=self.command,
+                          started=time.monotonic())
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, _core.pack(header))
+                self._recorder = _core.Recorder(fd, self.interval,
+                                                table=table.name if table else None,
+                                                root_pid=self.root_pid or 0,
+                                                pss_every=self.pss_every)
+                self._started = header["started"]
+                self._recorder.start()
+            except BaseException:
+                self._recorder = None
+                os.close(fd)
+                raise
+            self._fd = fd
+
+    def live_status(self) -> dict[str, Any]:
+        """The latest pool figures from the sampling thread (for a status line)."""
+        rec = self._recorder
+        return rec.status() if rec is not None else dict(self.status or {})
+
+    def stop(self) -> dict[str, Any]:
+        """Stop sampling, append the summaries and the end record, close the file."""
+        with self._lock:
+            rec, self._recorder = self._recorder, None
+            if rec is None:
+                return dict(self.status or {})
+            try:
+                self.status = rec.stop()
+                tail = []
+                if self.table is not None and not self.table.closed:
+                    tail += [_worker_record(w) for w in self.table.workers(check=True)]
+                tail += [_phase_record(s) for s in _core.records()[0] if s.start >= self._started]
+                for path, s in sorted(_core.summary().items()):
+                    tail.append({"t": "summary", "path": path, "count": s.count,
+                                 "total_time": s.total_time, "max_peak_rss": s.max_peak_rss,
+                                 "max_peak_delta": s.max_peak_delta,
+                                 "total_rss_delta": s.total_rss_delta})
+                tail.append({"t": "end", "time": time.monotonic(),
+                             "samples": self.status["samples"]})
+                os.write(self._fd, b"".join(_core.pack(r) for r in tail))
+            finally:
+                os.close(self._fd)
+                self._fd = -1
+            return self.status
+
+
+_env_recording: record | None = None
+
+
+def _record_from_environment() -> None:
+    """``MEMTRACK_PROFILE=path``: record this process from import to exit."""
+    global _env_recording
+    path = os.environ.get(ENV_PROFILE)
+    if not path or _env_recording is not None:
+        return
+    if "{pid}" not in path:
+        # Children inherit the environment: without a {pid} in the path they would
+        # overwrite this file, so only this process records.
+        del os.environ[ENV_PROFILE]
+    path = path.replace("{pid}", str(os.getpid()))
+    _env_recording = record(path)
+    _env_recording.start()
+    atexit.register(_env_recording.stop)
