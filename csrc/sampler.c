@@ -262,7 +262,12 @@ sample_tree(RecorderObject *r, double now, mt_pool *pool)
                 p->have_pss = 1;
             }
         }
-        rc |= pack_sample(r->pk, now, pid, "proc", rss, hwm, p->have_pss, p->pss, p->uss, NULL);
+        /* The command itself is the pool's parent, not one of its workers. */
+        const char *source = pid == r->root_pid ? "root" : "proc";
+        rc |= pack_sample(r->pk, now, pid, source, rss, hwm, p->have_pss, p->pss, p->uss, NULL);
+        if (pid == r->root_pid) {
+            continue; /* in the samples, not in the pool totals */
+        }
         pool->live++;
         pool->rss += rss;
         pool->pss += p->have_pss ? p->pss : rss;

@@ -73,8 +73,10 @@ command("info", "this process's readings and capabilities (the default)", _add_i
 
 
 def _register_commands() -> None:
-    from . import sizing, top
+    from . import run, sizing, top
 
+    command("run", "run a command and record the memory of all its processes",
+            run.add_run_arguments, run.run_run_command)
     command("top", "live view of a worker table", top.add_top_arguments, top.run_top_command)
     command("workers", "how many workers this machine can afford",
             sizing.add_workers_parser, sizing.run_workers_command)
@@ -85,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memtrack", description="Where the memory of a Python worker pool goes.")
     parser.add_argument("--version", action="version", version=f"memtrack {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
     for name, (help, add_arguments, _run) in _COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help, description=help))
     return parser
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    name = args.command or "info"
+    name = args.subcommand or "info"
     try:
         return _COMMANDS[name][2](args)
     except KeyboardInterrupt:

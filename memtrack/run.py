@@ -1,0 +1,127 @@
+"""``memtrack run [-o FILE] [--interval S] -- CMD ARGS...``: measure any command.
+
+The command runs with a worker table exported in ``MEMTRACK_TABLE`` (so memtrack-aware
+Python children join it by themselves) while every descendant process is also sampled
+through ``/proc`` (so programs that never import memtrack are measured too). A one-line
+status shows on a terminal; at the end the summary and the insights are printed and the
+profile is written. The exit code is the command's; Ctrl-C stops the command and still
+writes the profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from ._sizes import format_size
+from .recording import default_interval, record
+from .table import WorkerTable
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", default="memtrack-run.mtp",
+                        help="profile to write (default: memtrack-run.mtp)")
+    parser.add_argument("--interval", type=float, default=None,
+                        help="seconds between samples (default: MEMTRACK_INTERVAL or 0.05)")
+    parser.add_argument("--capacity", type=int, default=256,
+                        help="worker table slots for memtrack-aware children (default 256)")
+    parser.add_argument("--quiet", action="store_true", help="no status line and no summary")
+    parser.add_argument("command", nargs=argparse.REMAINDER,
+                        help="the command and its arguments, after --")
+
+
+def _status_line(rec: record, started: float) -> str:
+    s = rec.live_status()
+    return (f"[memtrack] {time.monotonic() - started:6.1f}s  {s.get('live', 0)} procs  "
+            f"rss {format_size(s.get('pool_rss', 0))}  pss {format_size(s.get('pool_pss', 0))}  "
+            f"pool peak {format_size(s.get('max_pool_pss', 0))}")
+
+
+def _show_status(rec: record, started: float, done: threading.Event) -> None:
+    width = shutil.get_terminal_size().columns
+    while not done.wait(0.5):
+        sys.stderr.write("\r" + _status_line(rec, started)[: width - 1].ljust(width - 1))
+        sys.stderr.flush()
+    sys.stderr.write("\r" + " " * (width - 1) + "\r")
+    sys.stderr.flush()
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def run_command(command: list[str], output: str, *, interval: float | None = None,
+                capacity: int = 256, quiet: bool = False) -> int:
+    """Run `command` under measurement; returns its exit code (128+N when killed by N)."""
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise ValueError("no command to run: memtrack run [-o FILE] -- CMD ARGS...")
+    interval = default_interval() if interval is None else interval
+    with WorkerTable(capacity=capacity) as table:
+        env = {**os.environ, **table.environ()}
+        env.pop("MEMTRACK_PROFILE", None)
+        try:
+            child = subprocess.Popen(command, env=env)
+        except FileNotFoundError:
+            print(f"memtrack run: command not found: {command[0]}", file=sys.stderr)
+            return 127
+        except PermissionError:
+            print(f"memtrack run: cannot execute: {command[0]}", file=sys.stderr)
+            return 126
+        started = time.monotonic()
+        rec = record(output, interval, table=table, root_pid=child.pid, command=command)
+        rec.start()
+        done = threading.Event()
+        status = None
+        if not quiet and sys.stderr.isatty():
+            status = threading.Thread(target=_show_status, args=(rec, started, done), daemon=True)
+            status.start()
+        interrupted = False
+        try:
+            while True:
+                try:
+                    returncode = child.wait()
+                    break
+                except KeyboardInterrupt:
+                    # The terminal sent SIGINT to the command too; give it time to stop.
+                    interrupted = True
+                    try:
+                        returncode = child.wait(timeout=5)
+                        break
+                    except subprocess.TimeoutExpired:
+                        child.send_signal(signal.SIGKILL)
+        finally:
+            done.set()
+            if status is not None:
+                status.join()
+            rec.stop()
+    if not quiet:
+        _print_summary(output, interrupted)
+    return 130 if interrupted and returncode == 0 else _exit_code(returncode)
+
+
+def _print_summary(output: str, interrupted: bool) -> None:
+    from .profile import load
+
+    profile = load(output)
+    try:
+        from .report import render
+        text = render(profile, "text")
+    except ImportError:
+        text = f"{len(profile.samples)} samples"
+    if interrupted:
+        print("memtrack run: interrupted; the profile holds the run up to here", file=sys.stderr)
+    print(text)
+    print(f"profile: {output}  (memtrack report {output} --format html -o report.html)")
+
+
+def run_run_command(args: argparse.Namespace) -> int:
+    return run_command(list(args.command), args.output, interval=args.interval,
+                       capacity=args.capacity, quiet=args.quiet)
