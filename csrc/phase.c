@@ -58,6 +58,7 @@ typedef struct mt_frame {
     double start;
     unsigned long thread_id;
     int orphaned; /* exited by another thread: still on its entry thread's chain */
+    int inherited; /* open in the parent when this process forked: not ours */
 } mt_frame;
 
 typedef struct {
@@ -322,16 +323,16 @@ mt_phase_init(void)
 void
 mt_phase_after_fork_child(void)
 {
-    /* Only the forking thread lives on: drop the other threads' phases, and
-     * start the child's records and summary empty (they describe the
-     * child's own work). The phases open in this thread carry on. */
-    unsigned long me = PyThread_get_thread_ident();
+    /* The child's phases describe its own work: the phases open in the
+     * parent (a pool's "main" around the fork of its workers) are not the
+     * child's, so its stack starts empty, like its records and summary.
+     * Leaving an inherited phase in the child records nothing. */
     for (mt_frame *f = ph.open.next, *next; f != &ph.open; f = next) {
         next = f->next;
-        if (f->thread_id != me) {
-            unlink_locked(f);
-        }
+        unlink_locked(f);
+        f->inherited = 1;
     }
+    tls_top = NULL; /* this runs in the forking thread, the only one left */
     for (uint32_t id = 0; id < ph.npaths; id++) {
         mt_path *p = &ph.paths[id];
         p->count = 0;
@@ -424,6 +425,7 @@ phase_enter(PhaseObject *self, PyObject *unused)
                      self->active ? "already active" : "still open in the thread that entered it");
         return NULL;
     }
+    f->inherited = 0;
     while (tls_top != NULL && tls_top->orphaned) {
         tls_top = tls_top->parent; /* skip phases other threads ended */
     }
@@ -500,6 +502,12 @@ phase_exit(PhaseObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         PyErr_SetString(PyExc_RuntimeError, "phase is not active");
         return NULL;
+    }
+    if (f->inherited) { /* entered by the parent before fork(): not ours */
+        f->inherited = 0;
+        self->active = 0;
+        Py_DECREF(self);
+        Py_RETURN_FALSE;
     }
     double end = mt_os_monotonic();
     mt_os_heap(&heap, &heap_free);

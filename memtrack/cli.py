@@ -73,8 +73,10 @@ command("info", "this process's readings and capabilities (the default)", _add_i
 
 
 def _register_commands() -> None:
-    from . import run, sizing, top
+    from . import demo, run, sizing, top
 
+    command("demo", "index a source tree on a worker pool and show where its memory went",
+            demo.add_demo_arguments, demo.run_demo_command)
     command("run", "run a command and record the memory of all its processes",
             run.add_run_arguments, run.run_run_command)
     command("top", "live view of a worker table", top.add_top_arguments, top.run_top_command)

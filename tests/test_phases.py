@@ -269,3 +269,23 @@ def test_forked_child_starts_with_its_own_records():
     os.waitpid(pid, 0)
     assert child == "in-child"
     assert "in-child" not in memtrack.summary()
+
+
+def test_phases_open_across_fork_are_the_parents_not_the_childs():
+    import os
+    with memtrack.phase("main"):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            with memtrack.phase("work") as p:
+                pass
+            child_path = p.stats.path
+            # the child leaves "main" too (the with block ends): that records nothing
+    if pid == 0:
+        os.write(w, f"{child_path} {','.join(sorted(memtrack.summary()))}".encode())
+        os._exit(0)
+    os.close(w)
+    child = os.read(r, 1000).decode()
+    os.waitpid(pid, 0)
+    assert child == "work work"  # not "main/work", and no "main" record in the child
+    assert sorted(memtrack.summary()) == ["main"]
