@@ -52,6 +52,16 @@ from .limits import SystemMemory, cpu_limit, system_memory  # noqa: E402
 from .sizing import WorkerPlan, calculate_max_workers, plan_workers  # noqa: E402
 
 
+def __getattr__(name: str):
+    # The executor pulls in concurrent.futures.process and multiprocessing (~50 ms):
+    # load it when first asked for, so that `import memtrack` stays light in workers.
+    if name in ("MemoryAwareExecutor", "PoolEvent"):
+        from . import executor
+
+        return getattr(executor, name)
+    raise AttributeError(f"module 'memtrack' has no attribute {name!r}")
+
+
 class RecordList(list):
     """The recent :class:`PhaseStats`, oldest first; ``dropped`` counts those the ring lost."""
 
@@ -94,7 +104,7 @@ if not _env_flag("MEMTRACK_DISABLE"):
     _recording._record_from_environment()
 
 __all__ = [
-    "Footprint", "PhaseStats", "PhaseSummary", "Profile", "ProfileError", "RecordList", "Sample",
+    "Footprint", "MemoryAwareExecutor", "PhaseStats", "PoolEvent", "PhaseSummary", "Profile", "ProfileError", "RecordList", "Sample",
     "SystemMemory", "TableError", "Totals", "WorkerPlan", "WorkerStats", "WorkerTable",
     "calculate_max_workers", "capabilities", "cleanup_stale", "configure", "cpu_limit", "dump",
     "explain_broken_pool", "footprint", "format_size", "init_worker", "load", "parse_size",
