@@ -73,8 +73,10 @@ command("info", "this process's readings and capabilities (the default)", _add_i
 
 
 def _register_commands() -> None:
-    from . import demo, run, sizing, top
+    from . import demo, report, run, sizing, top
 
+    command("report", "turn a profile into a report: text, json, csv, prometheus or html",
+            report.add_report_arguments, report.run_report_command)
     command("demo", "index a source tree on a worker pool and show where its memory went",
             demo.add_demo_arguments, demo.run_demo_command)
     command("run", "run a command and record the memory of all its processes",

@@ -39,6 +39,9 @@ class Profile:
     events: list[dict[str, Any]] = field(default_factory=list)
     #: Why the file ended early (only with ``load(..., partial=True)``), else None.
     truncated: str | None = None
+    #: Pool totals over time (recordings): {time, live, rss, pss, peak_rss}. Last, so
+    #: positional construction of the fields above is unchanged.
+    pools: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _header(kind: str) -> dict[str, Any]:
@@ -150,6 +153,8 @@ def parse(data: bytes, *, name: str = "<bytes>", partial: bool = False) -> Profi
             profile.workers.append(record)
         elif kind == "event":
             profile.events.append(record)
+        elif kind == "pool":
+            profile.pools.append(record)
         elif kind == "end":
             ended = True
         else:

@@ -27,7 +27,10 @@ def test_snapshot_fields_are_consistent():
     assert isinstance(s, memtrack.Sample)
     assert s.rss > 0 and s.vms >= s.rss and s.peak_rss >= s.rss
     assert abs(s.rss - (s.rss_anon + s.rss_file + s.rss_shmem)) < 1 * MB
-    assert s.heap_used > 0
+    if "heap" in memtrack.capabilities()["lacks"]:  # another malloc (jemalloc, ASan)
+        assert s.heap_used == 0
+    else:
+        assert s.heap_used > 0
     ru = resource.getrusage(resource.RUSAGE_SELF)
     assert 0 < s.minor_faults <= ru.ru_minflt
     assert s.time == pytest.approx(__import__("time").monotonic(), abs=5)
@@ -95,7 +98,7 @@ def test_capabilities_report_the_kernel_method_here():
     assert caps["platform"] == "linux"
     assert caps["peak_method"] == "kernel"
     assert caps["peak_fallback_reason"] is None
-    assert caps["lacks"] == []
+    assert set(caps["lacks"]) <= {"heap"}  # "heap" only under another malloc (ASan run)
 
 
 def test_forked_child_reports_its_own_memory():

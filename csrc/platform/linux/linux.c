@@ -117,6 +117,12 @@ mt_os_missing(void)
     if (access(PROC_SMAPS_ROLLUP, R_OK) != 0 && access(PROC_SMAPS, R_OK) != 0) {
         missing |= MT_LACKS_PSS;
     }
+    /* A malloc other than glibc's (jemalloc or tcmalloc preloaded, a
+     * sanitizer) leaves mallinfo2() all zero: say so rather than report 0. */
+    struct mallinfo2 mi = mallinfo2();
+    if (mi.arena == 0 && mi.hblkhd == 0 && mi.uordblks == 0) {
+        missing |= MT_LACKS_HEAP;
+    }
     return missing;
 }
 
