@@ -33,7 +33,8 @@
  * ancestor's path (documented in docs/api.md). */
 #define MT_MAX_NAME 255
 #define MT_MAX_DEPTH 64
-/* Longest phase path kept; longer paths are cut at a '/' and end in "/...". */
+/* Longest phase path kept; a phase whose path would be longer is recorded
+ * under its parent's path, as a phase nested deeper than MT_MAX_DEPTH is. */
 #define MT_MAX_PATH 1024
 /* Distinct paths one process can hold; more go to the "(overflow)" path. */
 #define MT_MAX_PATHS 65536

@@ -250,6 +250,97 @@ to_python(const msgpack_object *o, int depth, const char **why)
     }
 }
 
+/* Walk one object's structure from `off` without allocating anything, so
+ * that hostile headers never reach msgpack-c's allocator: a container that
+ * declares more items than bytes remain (each item takes at least one) is
+ * refused. 0: *end is where the object ends; 1: the data ends inside it;
+ * 2: not msgpack (0xc1) or an impossible count (*why says which). */
+static int
+prescan(const unsigned char *b, size_t len, size_t off, size_t *end, const char **why)
+{
+    uint64_t pending = 1;
+    while (pending > 0) {
+        if (off >= len) {
+            return 1;
+        }
+        pending--;
+        unsigned c = b[off];
+        uint64_t skip = 0, items = 0; /* bytes after the header, nested objects */
+        size_t head = 1;
+        if (c <= 0x7f || c >= 0xe0 || c == 0xc0 || c == 0xc2 || c == 0xc3) {
+            head = 1;
+        }
+        else if (c <= 0x8f) {
+            items = 2u * (c & 0x0f);
+        }
+        else if (c <= 0x9f) {
+            items = c & 0x0f;
+        }
+        else if (c <= 0xbf) {
+            skip = c & 0x1f;
+        }
+        else if (c == 0xc1) {
+            *why = "not msgpack";
+            return 2;
+        }
+        else {
+            /* Fixed-size scalars and the sized kinds: n is big-endian. */
+            static const unsigned char width[0xdf - 0xc4 + 1] = {
+                [0xc4 - 0xc4] = 1, [0xc5 - 0xc4] = 2, [0xc6 - 0xc4] = 4, /* bin */
+                [0xc7 - 0xc4] = 1, [0xc8 - 0xc4] = 2, [0xc9 - 0xc4] = 4, /* ext */
+                [0xd9 - 0xc4] = 1, [0xda - 0xc4] = 2, [0xdb - 0xc4] = 4, /* str */
+                [0xdc - 0xc4] = 2, [0xdd - 0xc4] = 4,                    /* array */
+                [0xde - 0xc4] = 2, [0xdf - 0xc4] = 4,                    /* map */
+            };
+            static const unsigned char fixed[0xdf - 0xc4 + 1] = {
+                [0xca - 0xc4] = 4, [0xcb - 0xc4] = 8, [0xcc - 0xc4] = 1, [0xcd - 0xc4] = 2,
+                [0xce - 0xc4] = 4, [0xcf - 0xc4] = 8, [0xd0 - 0xc4] = 1, [0xd1 - 0xc4] = 2,
+                [0xd2 - 0xc4] = 4, [0xd3 - 0xc4] = 8, [0xd4 - 0xc4] = 2, [0xd5 - 0xc4] = 3,
+                [0xd6 - 0xc4] = 5, [0xd7 - 0xc4] = 9, [0xd8 - 0xc4] = 17,
+            };
+            unsigned w = width[c - 0xc4];
+            if (w == 0) {
+                skip = fixed[c - 0xc4];
+            }
+            else {
+                if (off + 1 + w > len) {
+                    return 1;
+                }
+                uint64_t n = 0;
+                for (unsigned i = 0; i < w; i++) {
+                    n = (n << 8) | b[off + 1 + i];
+                }
+                head = 1 + w;
+                if (c >= 0xdc && c <= 0xdd) {
+                    items = n;
+                }
+                else if (c >= 0xde) {
+                    items = 2 * n;
+                }
+                else {
+                    skip = n + ((c >= 0xc7 && c <= 0xc9) ? 1 : 0); /* ext: type byte */
+                }
+            }
+        }
+        if (skip > len - off - head) {
+            return 1;
+        }
+        off += head + (size_t)skip;
+        pending += items;
+        if (pending > len - off) {
+            /* Every pending item needs a byte: more than remain is either a
+             * cut file or a lie. Tell which by the size of the claim. */
+            if (items > len) {
+                *why = "a container declares more items than the file holds";
+                return 2;
+            }
+            return 1;
+        }
+    }
+    *end = off;
+    return 0;
+}
+
 /* unpack_stream(data) -> (objects, consumed, error)
  * error is None when every byte was read, else (kind, offset, message) with
  * kind "truncated" (the data ends inside an object) or "corrupt"; offset is
@@ -273,8 +364,22 @@ mt_unpack_stream(PyObject *module, PyObject *data)
     const char *buf = view.buf;
     size_t len = (size_t)view.len;
     while (off < len) {
-        size_t start = off;
-        msgpack_unpack_return rc = msgpack_unpack_next(&result, buf, len, &off);
+        size_t start = off, end = 0;
+        const char *bad = NULL;
+        int scan = prescan((const unsigned char *)buf, len, off, &end, &bad);
+        if (scan == 1) {
+            error = Py_BuildValue("(snN)", "truncated", (Py_ssize_t)start,
+                                  PyUnicode_FromFormat("the data ends inside the object at byte %zu "
+                                                       "(%zu bytes in all)", start, len));
+            break;
+        }
+        if (scan == 2) {
+            error = Py_BuildValue("(snN)", "corrupt", (Py_ssize_t)start,
+                                  PyUnicode_FromFormat("%s at byte %zu", bad, start));
+            break;
+        }
+        /* msgpack-c sees exactly the bytes of this one object. */
+        msgpack_unpack_return rc = msgpack_unpack_next(&result, buf, end, &off);
         if (rc == MSGPACK_UNPACK_CONTINUE) {
             error = Py_BuildValue("(snN)", "truncated", (Py_ssize_t)start,
                                   PyUnicode_FromFormat("the data ends inside the object at byte %zu "

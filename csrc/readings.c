@@ -23,15 +23,21 @@ mt_peak_rss(PyObject *module, PyObject *unused)
 {
     uint64_t peak;
     mt_oserr e;
+    uint64_t rss = 0;
     mtx_lock(&mt_phase_lock);
     int rc = mt_peak_read_locked(&peak, &e);
+    if (rc == 0) {
+        rc = mt_os_rss(&rss, &e);
+    }
     peak = mt_peak_user_locked();
     mtx_unlock(&mt_phase_lock);
     if (rc < 0) {
         mt_raise_oserr(&e);
         return NULL;
     }
-    return PyLong_FromUnsignedLongLong(peak);
+    /* statm is exact; the kernel's mark may lag it by its per-CPU counter
+     * slack (up to 64 pages per CPU): a peak is never below a reading. */
+    return PyLong_FromUnsignedLongLong(peak > rss ? peak : rss);
 }
 
 PyObject *

@@ -60,6 +60,7 @@ typedef struct {
     cnd_t wake;
     int stop;
     int running;
+    long owner_pid; /* the process whose thread this is */
     thrd_t thread;
     uint64_t samples, records, bytes;
     uint32_t live;
@@ -504,6 +505,7 @@ recorder_start(RecorderObject *self, PyObject *unused)
         return NULL;
     }
     self->running = 1;
+    self->owner_pid = mt_os_pid();
     Py_INCREF(self); /* the thread uses it until stop() joins */
     Py_RETURN_NONE;
 }
@@ -512,6 +514,10 @@ static void
 stop_thread(RecorderObject *self)
 {
     if (!self->running) {
+        return;
+    }
+    if (self->owner_pid != mt_os_pid()) {
+        self->running = 0; /* a forked child: the thread is the parent's */
         return;
     }
     mtx_lock(&self->lock);

@@ -323,7 +323,8 @@ claim_locked(mt_seg_header *h, uint32_t *index)
         if (atomic_load_explicit(&s->owner, memory_order_relaxed) == 0
             && atomic_compare_exchange_strong(&s->owner, &expected, (int64_t)pid)) {
             if (foreign_write_begin(s) < 0) {
-                continue; /* a reader is marking it right now: next one */
+                atomic_store(&s->owner, 0); /* give the claim back */
+                continue;
             }
             init_slot(s, pid, start);
             write_end(s);
@@ -356,8 +357,10 @@ claim_locked(mt_seg_header *h, uint32_t *index)
             return -1;
         }
         mt_slot *s = SLOT_AT(h, best);
+        int64_t dead_owner = best_owner;
         if (atomic_compare_exchange_strong(&s->owner, &best_owner, (int64_t)pid)) {
             if (foreign_write_begin(s) < 0) {
+                atomic_store(&s->owner, dead_owner); /* give it back as it was */
                 return -1;
             }
             init_slot(s, pid, start);
@@ -1006,6 +1009,9 @@ settle_liveness(mt_slot *live, mt_slot *c, mt_watch *w)
     else if (known) {
         state = code == 0 || c->state == SLOT_EXITED ? SLOT_EXITED : SLOT_KILLED;
         flags |= FLAG_EXIT_CODE;
+    }
+    if (state == c->state && flags == c->flags) {
+        return; /* an exit already recorded: nothing new to write */
     }
     int64_t owner = atomic_load(&live->owner);
     if (owner != c->pid || foreign_write_begin(live) < 0) {

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import threading
 import time
+import warnings
 from typing import Any
 
 from . import _core
@@ -97,6 +98,7 @@ class record:
         self._recorder: Any = None
         self._fd = -1
         self._started = 0.0
+        self._owner_pid = 0
         self._lock = threading.Lock()
 
     def __enter__(self) -> record:
@@ -125,6 +127,7 @@ class record:
                                                 root_pid=self.root_pid or 0,
                                                 pss_every=self.pss_every)
                 self._started = header["started"]
+                self._owner_pid = os.getpid()
                 self._recorder.start()
             except BaseException:
                 self._recorder = None
@@ -140,6 +143,11 @@ class record:
     def stop(self) -> dict[str, Any]:
         """Stop sampling, append the summaries and the end record, close the file."""
         with self._lock:
+            if self._owner_pid != os.getpid():
+                # A forked child inherited this object (and an atexit hook): the
+                # recording and its file are the parent's; the thread is not here.
+                self._recorder = None
+                return dict(self.status or {})
             rec, self._recorder = self._recorder, None
             if rec is None:
                 return dict(self.status or {})
@@ -177,6 +185,13 @@ def _record_from_environment() -> None:
         # overwrite this file, so only this process records.
         del os.environ[ENV_PROFILE]
     path = path.replace("{pid}", str(os.getpid()))
-    _env_recording = record(path)
-    _env_recording.start()
-    atexit.register(_env_recording.stop)
+    try:
+        recording = record(path)
+        recording.start()
+    except (OSError, ValueError) as e:
+        # A misconfigured environment must not stop the program from importing us.
+        warnings.warn(f"memtrack: {ENV_PROFILE}={path!r}: {e}; not recording",
+                      RuntimeWarning, stacklevel=2)
+        return
+    _env_recording = recording
+    atexit.register(recording.stop)

@@ -63,11 +63,11 @@ class WorkerTable:
             raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
         if not 1 <= capacity <= 4096:
             raise ValueError(f"capacity must be between 1 and 4096 workers, not {capacity}")
-        if not isinstance(heartbeat, (int, float)) or not (heartbeat == 0 or 0.001 <= heartbeat <= 3600):
+        if (isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float))
+                or not (heartbeat == 0 or 0.001 <= heartbeat <= 3600)):
             raise ValueError(f"heartbeat must be 0 (off) or 0.001..3600 seconds, not {heartbeat!r}")
         cleanup_stale()
-        if name is None:
-            name = f"/{_prefix()}{secrets.token_hex(12)}"
+        name = f"/{_prefix()}{secrets.token_hex(12)}" if name is None else _normalise(name)
         self._segment = _core.Segment(name, capacity=capacity, heartbeat_ms=round(heartbeat * 1000))
         self._owner = True
         self._finalizer = weakref.finalize(self, self._segment.close)
@@ -278,6 +278,8 @@ def worker_slot() -> tuple[str, int] | None:
 
 def set_heartbeat(seconds: float) -> None:
     """Change this worker's heartbeat interval (0 disables the thread)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"heartbeat must be a number of seconds, not {type(seconds).__name__}")
     _core.set_heartbeat(float(seconds))
 
 

@@ -80,6 +80,14 @@ def test_peak_is_not_the_parents_in_a_spawned_child():
     assert 7 * MB <= phase_peak < 12 * MB
 
 
+def test_peak_rss_is_never_below_rss_while_memory_grows():
+    chunks = []
+    for _ in range(300):
+        chunks.append(bytearray(256 * 1024))
+        assert memtrack.peak_rss() >= memtrack.rss() - 64 * 1024  # statm read after the peak
+        assert memtrack.snapshot().peak_rss >= memtrack.snapshot().rss - 64 * 1024
+
+
 def test_peak_rss_is_not_reset_by_phases():
     # given a spike after reset_peak(), then phases (each resets the kernel mark)
     memtrack.reset_peak()

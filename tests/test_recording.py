@@ -163,3 +163,31 @@ def test_write_errors_surface_when_stopping(tmp_path):
     # /dev/full refuses every write with ENOSPC: the header write fails at once.
     with pytest.raises(OSError):
         memtrack.record("/dev/full").start()
+
+
+def test_a_forked_child_does_not_touch_the_parents_recording(tmp_path):
+    path = tmp_path / "fork.mtp"
+    code = textwrap.dedent("""
+        import memtrack, os, time
+        time.sleep(0.1)
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(0.1)
+            raise SystemExit(0)  # a normal exit: atexit hooks run in the child
+        os.waitpid(pid, 0)
+        time.sleep(0.1)
+    """)
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, "MEMTRACK_PROFILE": str(path)},
+                   check=True)
+    p = memtrack.load(path)  # one tail, one end record: "data after the end record" before
+    assert p.truncated is None and len(p.samples) >= 3
+
+
+@pytest.mark.parametrize("env", [{"MEMTRACK_INTERVAL": "soon"},
+                                 {"MEMTRACK_PROFILE": "/nonexistent-dir/x.mtp"}])
+def test_a_misconfigured_environment_warns_and_imports(env):
+    out = subprocess.run([sys.executable, "-c", "import memtrack; print('imported')"],
+                         env={**os.environ, "MEMTRACK_PROFILE": "/tmp/unused-{pid}.mtp", **env},
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "imported"
+    assert "not recording" in out.stderr

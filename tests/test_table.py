@@ -305,6 +305,13 @@ def test_wrong_magic_version_or_size_is_a_clear_error(tmp_path):
         memtrack.WorkerTable(capacity=0)
     with pytest.raises(TypeError):
         memtrack.WorkerTable(capacity="8")
+    with pytest.raises(ValueError, match="heartbeat"):
+        memtrack.WorkerTable(capacity=2, heartbeat=True)
+    with pytest.raises(TypeError, match="heartbeat"):
+        memtrack.set_heartbeat("fast")
+    named = f"memtrack-{os.getuid()}-named-{os.getpid()}"
+    with memtrack.WorkerTable(capacity=2, name=named) as t:
+        assert t.name == "/" + named and os.path.exists("/dev/shm/" + named)
 
 
 def test_random_bytes_in_slots_never_crash_the_reader():
