@@ -148,6 +148,7 @@ void mt_phase_fold_locked(uint64_t hwm);
 /* Path of the most recently entered phase still open, "" for none. */
 void mt_phase_current_locked(char *buf, size_t size);
 extern PyType_Spec mt_phase_spec;
+extern PyType_Spec mt_watch_spec;
 PyObject *mt_summary(PyObject *module, PyObject *unused);
 PyObject *mt_records(PyObject *module, PyObject *unused);
 PyObject *mt_reset(PyObject *module, PyObject *unused);

@@ -299,6 +299,12 @@ module_exec(PyObject *module)
         || PyModule_AddObjectRef(module, "Segment", (PyObject *)st->Segment) < 0) {
         return -1;
     }
+    PyObject *watch = PyType_FromModuleAndSpec(module, &mt_watch_spec, NULL);
+    if (watch == NULL || PyModule_AddObjectRef(module, "PeakWatch", watch) < 0) {
+        Py_XDECREF(watch);
+        return -1;
+    }
+    Py_DECREF(watch);
     PyObject *recorder = PyType_FromModuleAndSpec(module, &mt_recorder_spec, NULL);
     if (recorder == NULL || PyModule_AddObjectRef(module, "Recorder", recorder) < 0) {
         Py_XDECREF(recorder);

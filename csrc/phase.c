@@ -59,6 +59,7 @@ typedef struct mt_frame {
     unsigned long thread_id;
     int orphaned; /* exited by another thread: still on its entry thread's chain */
     int inherited; /* open in the parent when this process forked: not ours */
+    int watch;     /* a PeakWatch: folded like a phase, never recorded */
 } mt_frame;
 
 typedef struct {
@@ -87,7 +88,7 @@ static struct {
     uint32_t index_cap;
     uint64_t overflowed;
     mt_frame open; /* registry sentinel */
-    size_t nopen;
+    size_t nopen;  /* phases in the registry (watches not counted) */
     mt_record *ring;
     size_t ring_cap, ring_head, ring_count;
     uint64_t dropped;
@@ -251,8 +252,11 @@ void
 mt_phase_current_locked(char *buf, size_t size)
 {
     const char *path = "";
-    if (ph.open.prev != &ph.open) {
-        path = ph.paths[ph.open.prev->path_id].path;
+    for (mt_frame *f = ph.open.prev; f != &ph.open; f = f->prev) {
+        if (!f->watch) {
+            path = ph.paths[f->path_id].path;
+            break;
+        }
     }
     snprintf(buf, size, "%s", path);
 }
@@ -264,7 +268,7 @@ link_locked(mt_frame *f)
     f->next = &ph.open;
     ph.open.prev->next = f;
     ph.open.prev = f;
-    ph.nopen++;
+    ph.nopen += !f->watch;
 }
 
 static void
@@ -273,7 +277,7 @@ unlink_locked(mt_frame *f)
     f->prev->next = f->next;
     f->next->prev = f->prev;
     f->prev = f->next = NULL;
-    ph.nopen--;
+    ph.nopen -= !f->watch;
 }
 
 static void
@@ -694,6 +698,111 @@ PyType_Spec mt_phase_spec = {
     .basicsize = sizeof(PhaseObject),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .slots = phase_slots,
+};
+
+/* ------------------------------------------------------------------------ */
+/* PeakWatch: the exact peak of a stretch of time, across all threads, that  */
+/* is never recorded, is on no thread's stack and never changes phase paths  */
+/* (the pytest plugin measures a test body with one).                        */
+
+typedef struct {
+    PyObject_HEAD
+    int active;
+    mt_frame frame;
+} WatchObject;
+
+static PyObject *
+watch_start(WatchObject *self, PyObject *unused)
+{
+    mt_frame *f = &self->frame;
+    uint64_t rss = 0;
+    mt_oserr e;
+    if (self->active) {
+        PyErr_SetString(PyExc_RuntimeError, "PeakWatch is already running");
+        return NULL;
+    }
+    mtx_lock(&mt_phase_lock);
+    int rc = mt_peak_reset_locked(&rss, &e);
+    if (rc == 0) {
+        *f = (mt_frame){.watch = 1, .rss_start = rss, .peak = rss,
+                        .start = mt_os_monotonic()};
+        link_locked(f);
+    }
+    mtx_unlock(&mt_phase_lock);
+    if (rc < 0) {
+        mt_raise_oserr(&e);
+        return NULL;
+    }
+    self->active = 1;
+    Py_INCREF(self); /* in the registry until stop() */
+    Py_RETURN_NONE;
+}
+
+/* stop() -> (rss_start, rss_end, peak_rss, duration) */
+static PyObject *
+watch_stop(WatchObject *self, PyObject *unused)
+{
+    mt_frame *f = &self->frame;
+    uint64_t hwm = 0, rss = 0;
+    mt_oserr e;
+    if (!self->active) {
+        PyErr_SetString(PyExc_RuntimeError, "PeakWatch is not running");
+        return NULL;
+    }
+    int rc = 0;
+    mtx_lock(&mt_phase_lock);
+    if (!f->inherited) {
+        rc = mt_peak_read_locked(&hwm, &e);
+        if (rc == 0) {
+            rc = mt_os_rss(&rss, &e);
+        }
+        f->peak = hwm > f->peak ? hwm : f->peak;
+        f->peak = rss > f->peak ? rss : f->peak;
+        unlink_locked(f);
+    }
+    mtx_unlock(&mt_phase_lock);
+    self->active = 0;
+    double duration = mt_os_monotonic() - f->start;
+    PyObject *result = rc < 0 ? NULL
+                              : Py_BuildValue("(KKKd)", (unsigned long long)f->rss_start,
+                                              (unsigned long long)rss,
+                                              (unsigned long long)f->peak, duration);
+    if (rc < 0) {
+        mt_raise_oserr(&e);
+    }
+    Py_DECREF(self);
+    return result;
+}
+
+static void
+watch_dealloc(WatchObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef watch_methods[] = {
+    {"start", (PyCFunction)watch_start, METH_NOARGS, "Start watching: the peak starts at rss."},
+    {"stop", (PyCFunction)watch_stop, METH_NOARGS,
+     "stop() -> (rss_start, rss_end, peak_rss, duration)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot watch_slots[] = {
+    {Py_tp_doc, "PeakWatch(): the exact rss peak between start() and stop(), in every thread,\n"
+                "without a phase record."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_dealloc, watch_dealloc},
+    {Py_tp_methods, watch_methods},
+    {0, NULL},
+};
+
+PyType_Spec mt_watch_spec = {
+    .name = "memtrack._core.PeakWatch",
+    .basicsize = sizeof(WatchObject),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = watch_slots,
 };
 
 /* ------------------------------------------------------------------------ */

@@ -51,6 +51,7 @@ from .recording import record  # noqa: E402
 from .limits import SystemMemory, cpu_limit, system_memory  # noqa: E402
 from .sizing import WorkerPlan, calculate_max_workers, plan_workers  # noqa: E402
 from .insights import Insight, insights  # noqa: E402
+from .leaks import Growth, MemoryGrowthError, assert_no_growth, measure_growth  # noqa: E402
 
 
 def __getattr__(name: str):
@@ -105,10 +106,10 @@ if not _env_flag("MEMTRACK_DISABLE"):
     _recording._record_from_environment()
 
 __all__ = [
-    "Footprint", "Insight", "MemoryAwareExecutor", "PhaseStats", "PoolEvent", "PhaseSummary", "Profile", "ProfileError", "RecordList", "Sample",
-    "SystemMemory", "TableError", "Totals", "WorkerPlan", "WorkerStats", "WorkerTable",
+    "Footprint", "Growth", "Insight", "MemoryGrowthError", "MemoryAwareExecutor", "PhaseStats", "PoolEvent", "PhaseSummary", "Profile", "ProfileError", "RecordList", "Sample",
+    "SystemMemory", "TableError", "assert_no_growth", "Totals", "WorkerPlan", "WorkerStats", "WorkerTable",
     "calculate_max_workers", "capabilities", "cleanup_stale", "configure", "cpu_limit", "dump",
-    "explain_broken_pool", "footprint", "format_size", "init_worker", "insights", "load", "parse_size",
+    "explain_broken_pool", "footprint", "format_size", "init_worker", "insights", "load", "measure_growth", "parse_size",
     "peak_rss", "phase", "plan_workers", "record", "records", "reset", "reset_peak", "rss",
     "set_heartbeat", "snapshot", "summary", "system_memory", "task_done", "worker_slot",
 ]

@@ -331,6 +331,14 @@ def unlink_segment(name: str, /) -> None: ...
 # The recorder behind memtrack.record (csrc/sampler.c)
 
 @final
+class PeakWatch:
+    """The exact rss peak between start() and stop(), in every thread, without a record."""
+
+    def start(self) -> None: ...
+    def stop(self) -> tuple[int, int, int, float]:
+        """(rss_start, rss_end, peak_rss, duration)."""
+        ...
+
 class Recorder:
     """Recorder(fd, interval, table=None, root_pid=0, pss_every=10).
 

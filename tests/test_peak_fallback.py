@@ -1,6 +1,8 @@
 """The sampler fallback, for machines where the kernel refuses the high-water-mark reset."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -9,12 +11,28 @@ from conftest import run_python
 # A process that is not dumpable and not root cannot open its own /proc/self/clear_refs
 # (the kernel makes the file root's): the same refusal a seccomp policy or a hardened
 # container gives. The stdlib is imported before dropping to nobody, who cannot read it.
-REFUSED = """
-import ctypes, os, inspect, functools, dataclasses, socket, re, math, typing, time, secrets
-import weakref, atexit, signal, warnings, fractions, argparse, collections.abc, multiprocessing.util
+
+
+def _modules_memtrack_imports():
+    """The stdlib modules `import memtrack` loads: the child imports them while it is
+    still root, because nobody cannot read this interpreter's library."""
+    out = subprocess.run([sys.executable, "-c", "import sys; before = set(sys.modules); import memtrack; "
+                          "print(' '.join(sorted(m for m in set(sys.modules) - before "
+                          "if not m.startswith('memtrack'))))"],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+REFUSED = f"""
+import ctypes, os, importlib
+for name in {_modules_memtrack_imports()!r}:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass  # a private module that is not importable by name
 os.setgid(65534); os.setuid(65534)
 ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 0
-import memtrack
+import memtrack, time
 """
 
 SPIKE = """

@@ -295,12 +295,18 @@ mt_os_sample(mt_sample *s, mt_oserr *e)
 static int
 footprint_from(FILE *f, mt_footprint *fp)
 {
-    char line[512];
+    /* On the heap: this runs in the heartbeat thread of forked workers,
+     * where ASan misreads stack buffers of threads created after fork(). */
+    enum { LINE = 512 };
+    char *line = malloc(LINE);
     unsigned long long kb;
     char key[64];
     int seen = 0;
     memset(fp, 0, sizeof *fp);
-    while (fgets(line, sizeof line, f) != NULL) {
+    if (line == NULL) {
+        return 0;
+    }
+    while (fgets(line, LINE, f) != NULL) {
         if (sscanf(line, "%63[A-Za-z_]: %llu kB", key, &kb) != 2) {
             continue;
         }
@@ -316,6 +322,7 @@ footprint_from(FILE *f, mt_footprint *fp)
             fp->shared += bytes;
         }
     }
+    free(line);
     return seen;
 }
 

@@ -1,0 +1,674 @@
+"""The pytest plugin, run the way users run it: pytest in a fresh process (pytester).
+
+Each run is a subprocess: memtrack's phase registry and peak mark are process-wide, so a
+run inside this process would share them with the outer test session.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import textwrap
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+# pytest-benchmark (when installed) warns under xdist; the cache would write into tmp dirs.
+QUIET = ("-p", "no:cacheprovider", "-p", "no:benchmark")
+
+# Anonymous mmap, not bytearray: glibc serves blocks below its (moving) mmap threshold from
+# the heap and keeps them after free, so a later spike would reuse them and look smaller.
+TOUCH = '''
+import mmap
+
+def touch(mib):
+    """`mib` MiB made resident; freed (unmapped) when the object goes."""
+    buf = mmap.mmap(-1, mib * 1024 * 1024)
+    for i in range(0, len(buf), 4096):
+        buf[i] = 1
+    return buf
+'''
+
+
+@pytest.fixture
+def run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
+    """Run pytest in a subprocess on the files of `pytester`, without any MEMTRACK_ setting
+    of ours leaking in, and with the `touch` helper importable."""
+    for name in ("MEMTRACK_TABLE", "MEMTRACK_DISABLE", "MEMTRACK_PEAK"):
+        monkeypatch.delenv(name, raising=False)
+    pytester.makepyfile(helpers=TOUCH)
+
+    def runner(*args: str) -> pytest.RunResult:
+        return pytester.runpytest_subprocess(*QUIET, *args, timeout=120)
+
+    return runner
+
+
+def expect_lines(result: pytest.RunResult, patterns: list[str], rel: float = 0.06) -> None:
+    """``fnmatch_lines(patterns)``, where ``~80`` stands for a number within `rel` of 80
+    (the text around the measured values is exact, the values are checked as numbers),
+    and ``[`` is itself (``*`` and ``?`` are wildcards as in fnmatch)."""
+    globs = [re.sub(r"~[0-9.]+", "*", p.replace("[", "[[]")) for p in patterns]
+    result.stdout.fnmatch_lines(globs)  # pytest's own report of what did not match
+    lines, at = result.stdout.lines, 0
+    for pattern, glob in zip(patterns, globs, strict=True):
+        while not fnmatch.fnmatch(lines[at], glob):
+            at += 1
+        expected = [float(x) for x in re.findall(r"~([0-9.]+)", pattern)]
+        if expected:
+            regex = "".join(
+                r"([0-9.]+)" if part.startswith("~") else
+                re.escape(part).replace(r"\*", ".*").replace(r"\?", ".")
+                for part in re.split(r"(~[0-9.]+)", pattern))
+            seen = [float(x) for x in re.fullmatch(regex, lines[at]).groups()]
+            assert seen == pytest.approx(expected, rel=rel), lines[at]
+        at += 1
+
+
+# --------------------------------------------------------------------------- registration
+
+def test_options_markers_and_ini_are_registered(run):
+    help_text = run("--help")
+    help_text.stdout.fnmatch_lines([
+        "memtrack: memory limits, leak checks and baselines:",
+        "  --memtrack *measure every test and print the tests with the largest*",
+        "  --memtrack-top=N *",
+        "  --memtrack-baseline=FILE",
+        "  --memtrack-update-baseline",
+        "  --memtrack-tolerance=PERCENT",
+        "  --memtrack-floor=SIZE",
+        "  --memtrack-repeat=N *",
+    ])
+    for ini in ("memtrack (bool)", "memtrack_top (string)", "memtrack_baseline (string)",
+                "memtrack_update_baseline (bool)", "memtrack_tolerance (string)",
+                "memtrack_floor (string)", "memtrack_repeat (string)"):
+        help_text.stdout.fnmatch_lines([f"  {ini}:*"])
+    run("--markers").stdout.fnmatch_lines(
+        ["@pytest.mark.memtrack(peak=None, retained=None, worker_peak=None, pool_peak=None, "
+         "phases=None): fail the test when its memory goes over a limit*"])
+
+
+def test_a_marked_test_raises_no_unknown_marker_warning(pytester, run):
+    pytester.makepyfile(test_marked="""
+        import pytest
+
+        @pytest.mark.memtrack(peak="1 GB")
+        def test_marked():
+            pass
+    """)
+    result = run("--strict-markers", "-W", "error")
+    result.assert_outcomes(passed=1)
+    assert "PytestUnknownMarkWarning" not in result.stdout.str()
+
+
+INERT_TESTS = """
+    import os, threading
+    import memtrack
+    from helpers import touch
+
+    def test_1_spike():
+        buf = touch(64)
+        del buf
+
+    def test_2_nothing_was_measured_or_reset():
+        # the spike of the previous test is still the process's peak: nobody reset it
+        assert memtrack.peak_rss() - memtrack.rss() > 60 * 1024 * 1024
+        assert "MEMTRACK_TABLE" not in os.environ
+        assert memtrack._core.counters()["open"] == 0       # no phase held open
+        assert memtrack.summary() == {} and list(memtrack.records()) == []
+        assert not [t for t in threading.enumerate() if t.name.startswith("memtrack")]
+
+    def test_3_fails():
+        assert 1 == 2
+
+    def test_4_skipped():
+        import pytest
+        pytest.skip("no")
+"""
+
+
+def test_the_plugin_is_inert_when_unused(pytester, run):
+    # given tests that use neither the fixture, nor the marker, nor an option
+    pytester.makepyfile(test_inert=INERT_TESTS)
+    # when they run with the plugin loaded and without it
+    loaded = run("-v", "--trace-config")
+    blocked = run("-v", "-p", "no:memtrack")
+    # then the outcomes are the same, and nothing was measured (test_2's asserts)
+    loaded.assert_outcomes(passed=2, failed=1, skipped=1)
+    blocked.assert_outcomes(passed=2, failed=1, skipped=1)
+    assert "largest peaks" not in loaded.stdout.str()
+    # and the plugin was loaded, through its entry point, in the first run only
+    loaded.stdout.fnmatch_lines(["*registered third-party plugins:*", "*memtrack-0.1.0*"])
+    assert "memtrack-0.1.0" not in blocked.stdout.str()
+
+
+# --------------------------------------------------------------------------- limits
+
+LIMITS_TESTS = """
+    import pytest
+    import memtrack
+    from helpers import touch
+
+    keep = []
+
+    @pytest.mark.memtrack(peak="100 MB")
+    def test_peak_under():
+        buf = touch(40)
+        del buf
+
+    @pytest.mark.memtrack(peak="50 MB")
+    def test_peak_over():
+        with memtrack.phase("load"):
+            buf = touch(80)
+            del buf
+        with memtrack.phase("index"):
+            with memtrack.phase("parse"):
+                buf = touch(30)
+                del buf
+        with memtrack.phase("small"):
+            buf = touch(4)
+            del buf
+
+    @pytest.mark.memtrack(peak=50 * 1024 * 1024)
+    def test_peak_over_int_limit():
+        buf = touch(64)
+        del buf
+
+    @pytest.mark.memtrack(retained="30 MiB")
+    def test_retained_under():
+        keep.append(touch(16))
+
+    @pytest.mark.memtrack(retained="30 MiB")
+    def test_retained_over():
+        with memtrack.phase("cache"):
+            keep.append(touch(40))
+
+    @pytest.mark.memtrack(phases={"index/parse": "50 MB", "load": "10 MB"})
+    def test_phase_limits():
+        with memtrack.phase("index"):
+            with memtrack.phase("parse"):
+                buf = touch(20)
+                del buf
+        with memtrack.phase("load"):
+            buf = touch(30)
+            del buf
+
+    @pytest.mark.memtrack(phases={"parse": "1 GB"})
+    def test_phase_that_never_ran():
+        with memtrack.phase("load"):
+            pass
+
+    @pytest.mark.memtrack(peek="1 MB")
+    def test_unknown_limit():
+        pass
+
+    @pytest.mark.memtrack(peak="lots")
+    def test_unreadable_size():
+        pass
+
+    @pytest.mark.memtrack(peak="10 MB")
+    class TestClassLimit:
+        @pytest.mark.memtrack(retained="1 GB")
+        def test_class_limit_applies(self):
+            buf = touch(20)
+            del buf
+
+    @pytest.mark.memtrack(peak="1 MB")
+    def test_failing_body_is_not_blamed_on_memory():
+        buf = touch(20)
+        assert buf is None
+"""
+
+
+def test_limits_pass_and_fail_with_exact_messages(pytester, run):
+    pytester.makepyfile(test_limits=LIMITS_TESTS)
+    result = run("-v", "-rfE")
+    out = result.stdout
+    out.fnmatch_lines([
+        "*::test_peak_under PASSED*",
+        "*::test_peak_over FAILED*",
+        "*::test_peak_over_int_limit FAILED*",
+        "*::test_retained_under PASSED*",
+        "*::test_retained_over FAILED*",
+        "*::test_phase_limits FAILED*",
+        "*::test_phase_that_never_ran FAILED*",
+        "*::test_unknown_limit ERROR*",
+        "*::test_unreadable_size ERROR*",
+        "*::TestClassLimit::test_class_limit_applies FAILED*",
+        "*::test_failing_body_is_not_blamed_on_memory FAILED*",
+    ])
+    # peak: the measured value, the limit as bytes and as written, the 3 largest phases
+    expect_lines(result, [
+        "*_ test_peak_over _*",
+        "memtrack: peak ~80 MiB is over the limit 47.7 MiB (peak='50 MB')",
+        "  largest phases: load +~80 MiB, index +~30 MiB, index/parse +~30 MiB",
+    ])
+    expect_lines(result, [
+        "*_ test_peak_over_int_limit _*",
+        "memtrack: peak ~64 MiB is over the limit 50.0 MiB (peak=52428800)",
+        "  largest phases: (no phases ran)",
+    ])
+    expect_lines(result, [
+        "*_ test_retained_over _*",
+        "memtrack: retained ~40 MiB is over the limit 30.0 MiB (retained='30 MiB')",
+        "  largest phases: cache +~40 MiB",
+    ])
+    expect_lines(result, [
+        "*_ test_phase_limits _*",
+        "memtrack: phase load peaked at +~30 MiB, over the limit 9.5 MiB (phases['load']='10 MB')",
+        "  largest phases: load +~30 MiB, index +~20 MiB, index/parse +~20 MiB",
+    ])
+    assert "phases['index/parse']" not in out.str()  # 20 MiB is under its 50 MB
+    expect_lines(result, [
+        "*_ test_phase_that_never_ran _*",
+        "memtrack: phase parse never ran in this test (limit phases['parse']='1 GB'); "
+        "phases that ran: load",
+    ])
+    out.fnmatch_lines([
+        "*_ ERROR at setup of test_unknown_limit _*",
+        "memtrack marker: unknown limit peek=; use peak, retained, worker_peak, pool_peak, phases",
+    ])
+    out.fnmatch_lines([
+        "*_ ERROR at setup of test_unreadable_size _*",
+        "memtrack marker: peak: cannot read 'lots' as a size; use bytes or a unit such as "
+        "'300 MB', '1.2 GB', '512 MiB'",
+    ])
+    # a class marker and a method marker combine
+    expect_lines(result, [
+        "*_ TestClassLimit.test_class_limit_applies _*",
+        "memtrack: peak ~20 MiB is over the limit 9.5 MiB (peak='10 MB')",
+    ])
+    # a body that failed on its own is reported as such, without a memory message
+    out.fnmatch_lines(["*_ test_failing_body_is_not_blamed_on_memory _*", "*assert buf is None*"])
+    failing_body = out.str().split("test_failing_body_is_not_blamed_on_memory _")[1]
+    assert "memtrack: peak" not in failing_body.split("short test summary")[0]
+    result.assert_outcomes(passed=2, failed=7, errors=2)
+
+
+POOL_TESTS = """
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    import pytest
+    import memtrack
+    from helpers import touch
+
+    def analyze(mib):
+        with memtrack.phase("index"):
+            with memtrack.phase("parse"):
+                buf = touch(mib)
+                import time; time.sleep(0.15)   # long enough for the heartbeat and sampler
+                del buf
+        return os.getpid()
+
+    def spawn_pool():
+        return ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+
+    @pytest.mark.memtrack(worker_peak="120 MB")
+    def test_worker_over_its_peak():
+        with spawn_pool() as ex:
+            assert ex.submit(analyze, 150).result() != os.getpid()
+
+    @pytest.mark.memtrack(worker_peak="400 MB", pool_peak="300 MB")
+    def test_pool_within_limits():
+        with spawn_pool() as ex:
+            ex.submit(analyze, 40).result()
+
+    @pytest.mark.memtrack(pool_peak="80 MB")
+    def test_pool_over_its_peak():
+        with spawn_pool() as ex:
+            ex.submit(analyze, 120).result()
+
+    @pytest.mark.memtrack(worker_peak="1 GB")
+    def test_no_worker_joined():
+        pass
+"""
+
+
+def test_a_spawned_pool_worker_over_worker_peak_fails_the_test(pytester, run):
+    # given ProcessPoolExecutors under spawn, started with no initializer: the workers
+    # join the test's table through MEMTRACK_TABLE, which the marker set for the test
+    pytester.makepyfile(test_pool=POOL_TESTS)
+    result = run("-v", "--memtrack")
+    out = result.stdout
+    out.fnmatch_lines([
+        "*::test_worker_over_its_peak FAILED*",
+        "*::test_pool_within_limits PASSED*",
+        "*::test_pool_over_its_peak FAILED*",
+        "*::test_no_worker_joined FAILED*",
+    ])
+    # the worker's peak is its whole RSS: the 150 MiB it touched plus its interpreter
+    expect_lines(result, [
+        "*_ test_worker_over_its_peak _*",
+        "memtrack: worker * peaked at ~175 MiB, over the limit 114.4 MiB (worker_peak='120 MB')",
+        "  largest phases of worker *: index +~150 MiB, index/parse +~150 MiB",
+    ], rel=0.15)
+    expect_lines(result, [
+        "*_ test_pool_over_its_peak _*",
+        "memtrack: pool peak ~145 MiB is over the limit 76.3 MiB (pool_peak='80 MB')",
+        "  largest worker phases: index +~120 MiB, index/parse +~120 MiB",
+    ], rel=0.2)
+    out.fnmatch_lines([
+        "*_ test_no_worker_joined _*",
+        "memtrack: worker_peak='1 GB' is set, but no worker joined the test's table: pools "
+        "started inside the test join it through MEMTRACK_TABLE (a forkserver started "
+        "before the test does not)",
+    ])
+    # and the summary names the workers of each test
+    expect_lines(result, [
+        "*memtrack: largest peaks (4 of 4 measured tests)*",
+        "*test_pool.py::test_worker_over_its_peak",
+        "*workers: 1, largest peak ~175 MiB (pid *), pool peak *",
+        "*worker phases: index +~150 MiB, index/parse +~150 MiB",
+    ], rel=0.15)
+    result.assert_outcomes(passed=1, failed=3)
+
+
+FIXTURE_TESTS = """
+    import os, subprocess, sys
+    import pytest
+    from helpers import touch
+
+    seen = {}
+
+    @pytest.fixture
+    def report_after(memtrack):
+        yield memtrack
+        # after the body: the test's measurements
+        seen["peak"] = memtrack.peak_delta
+        seen["retained"] = memtrack.retained
+        seen["phases"] = {p: s.max_peak_delta for p, s in memtrack.phases.items()}
+        seen["pool_peak"] = memtrack.pool_peak
+        seen["workers"] = [(w.pid, w.tasks, w.state) for w in memtrack.workers()]
+        seen["env"] = os.environ.get("MEMTRACK_TABLE")
+        seen["table"] = memtrack.table.name
+
+    keep = []
+
+    def test_body(report_after):
+        memtrack = report_after
+        assert os.environ["MEMTRACK_TABLE"] == memtrack.table.name
+        with pytest.raises(RuntimeError, match="measured when the body ends"):
+            memtrack.peak_delta
+        with memtrack.phase("load"):
+            with memtrack.phase("parse"):
+                buf = touch(48)
+                del buf
+        keep.append(touch(12))
+        # a plain subprocess joins the test's table through the environment
+        code = ("import memtrack, time\\n"
+                "with memtrack.phase('child'):\\n"
+                "    b = bytearray(30 << 20); b[::4096] = b'x' * len(b[::4096])\\n"
+                "    time.sleep(0.3)\\n")
+        subprocess.run([sys.executable, "-c", code], check=True)
+
+    def test_after():
+        mib = 1024 * 1024
+        assert 47 * mib < seen["peak"] < 64 * mib, seen
+        assert 11 * mib < seen["retained"] < 14 * mib, seen
+        assert seen["phases"].keys() == {"load", "load/parse"}
+        assert seen["phases"]["load/parse"] > 47 * mib
+        assert [(tasks, state) for _, tasks, state in seen["workers"]] == [(1, "exited")]
+        assert seen["pool_peak"] > 30 * mib
+        assert seen["env"] == seen["table"]                   # set until teardown ends
+        assert "MEMTRACK_TABLE" not in os.environ             # and removed after it
+
+    def test_leak_check_on_the_fixture(memtrack):
+        leaked = []
+        with pytest.raises(AssertionError, match=r"keeps (9\\d|10\\d)\\.\\d KiB per call"):
+            memtrack.assert_no_growth(lambda: leaked.append(bytes(range(256)) * 400),
+                                      iterations=30)
+        growth = memtrack.assert_no_growth(lambda: bytes(range(256)) * 400, iterations=20)
+        assert growth.per_call < 4096
+"""
+
+
+def test_the_fixture_measures_the_body_and_gives_pools_a_table(pytester, run):
+    pytester.makepyfile(test_fixture=FIXTURE_TESTS)
+    result = run("-v", "-p", "no:randomly")
+    result.assert_outcomes(passed=3)
+
+
+# --------------------------------------------------------------------------- baselines
+
+BASELINE_TESTS = """
+    import os
+    import pytest
+    import memtrack
+    from helpers import touch
+
+    def test_grow():
+        with memtrack.phase("parse"):
+            buf = touch(int(os.environ["GROW_MIB"]))
+            del buf
+
+    @pytest.mark.memtrack(phases={"parse": "1 GB"})
+    def test_marked_phase():
+        with memtrack.phase("parse"):
+            buf = touch(int(os.environ["PHASE_MIB"]))
+            del buf
+        assert os.environ.get("BREAK_PHASE") != "1"
+
+    def test_tiny():
+        buf = bytearray(int(os.environ.get("TINY_KIB", "8")) * 1024)
+        buf[::4096] = b"x" * len(buf[::4096])
+        del buf
+
+    def test_sometimes_failing():
+        assert os.environ.get("BREAK") != "1"
+"""
+
+
+def test_baseline_create_compare_tolerance_and_update(pytester, run, monkeypatch):
+    pytester.makepyfile(test_base=BASELINE_TESTS)
+    base = pytester.path / "memory-baseline.json"
+    opts = (f"--memtrack-baseline={base.name}",)
+    monkeypatch.setenv("GROW_MIB", "40")
+    monkeypatch.setenv("PHASE_MIB", "20")
+
+    # a missing baseline: nothing to compare, and a hint how to write one
+    first = run(*opts)
+    first.assert_outcomes(passed=4)
+    first.stdout.fnmatch_lines([
+        f"{base}: 0 within tolerance, 0 over, 0 improved, 4 not in the baseline",
+        f"no baseline at {base} yet: write it with --memtrack-update-baseline",
+    ])
+    assert not base.exists()
+
+    # create it, but never from a failing test
+    monkeypatch.setenv("BREAK", "1")
+    created = run(*opts, "--memtrack-update-baseline")
+    created.assert_outcomes(passed=3, failed=1)
+    created.stdout.fnmatch_lines([f"wrote {base}: 3 tests (3 new, 0 changed); "
+                                  "1 failing tests not written"])
+    text = base.read_text()
+    data = json.loads(text)
+    assert data["format"] == "memtrack-baseline/1"
+    assert list(data["tests"]) == ["test_base.py::test_grow", "test_base.py::test_marked_phase",
+                                   "test_base.py::test_tiny"]   # sorted; the failure left out
+    assert text == json.dumps(data, indent=2, sort_keys=True) + "\n"   # one diff-friendly form
+    mib = 1024 * 1024
+    assert data["tests"]["test_base.py::test_grow"]["peak"] == pytest.approx(40 * mib, rel=0.03)
+    assert set(data["tests"]["test_base.py::test_grow"]) == {"peak"}
+    phase = data["tests"]["test_base.py::test_marked_phase"]["phases"]["parse"]
+    assert phase == pytest.approx(20 * mib, rel=0.05)
+    monkeypatch.delenv("BREAK")
+
+    # within the tolerance (10%): passes; and so does a small test far over its baseline
+    # in percent (8 KiB -> 600 KiB) but under the 1 MB floor, unless the floor is lower
+    monkeypatch.setenv("GROW_MIB", "42")
+    monkeypatch.setenv("TINY_KIB", "600")
+    run(*opts).assert_outcomes(passed=4)
+    run(*opts, "--memtrack-floor=100 kB").assert_outcomes(passed=3, failed=1)
+    monkeypatch.delenv("TINY_KIB")
+
+    # over the tolerance and the floor: fails, saying by how much
+    monkeypatch.setenv("GROW_MIB", "60")
+    monkeypatch.setenv("PHASE_MIB", "30")
+    over = run(*opts)
+    over.assert_outcomes(passed=2, failed=2)
+    expect_lines(over, [
+        "*_ test_grow _*",
+        "memtrack: peak ~60 MiB is ~20 MiB over the baseline ~40 MiB (+~50%; "
+        "allowed 10% and 976.6 KiB)",
+        "  largest phases: parse +~60 MiB",
+    ])
+    expect_lines(over, [
+        "*_ test_marked_phase _*",
+        "memtrack: phase parse ~30 MiB is ~10 MiB over the baseline ~20 MiB (+~50%; "
+        "allowed 10% and 976.6 KiB)",
+    ])
+    over.stdout.fnmatch_lines(  # test_sometimes_failing never got into the baseline
+        [f"{base}: 1 within tolerance, 2 over, 0 improved, 1 not in the baseline"])
+
+    # a wider tolerance lets it pass
+    run(*opts, "--memtrack-tolerance=60%").assert_outcomes(passed=4)
+
+    # an improvement passes and is reported
+    monkeypatch.setenv("GROW_MIB", "10")
+    monkeypatch.setenv("PHASE_MIB", "20")
+    better = run(*opts)
+    better.assert_outcomes(passed=4)
+    expect_lines(better, [
+        f"{base}: 2 within tolerance, 0 over, 1 improved, 1 not in the baseline",
+        "  improved test_base.py::test_grow: peak ~40 MiB -> ~10 MiB (-~75%)",
+        "record the new numbers with --memtrack-update-baseline",
+    ])
+
+    # an update within the tolerance leaves the entry as it was (no churn in the diff)
+    monkeypatch.setenv("GROW_MIB", "41")
+    before = json.loads(base.read_text())["tests"]
+    kept = run(*opts, "--memtrack-update-baseline", "-k", "test_grow")
+    kept.stdout.fnmatch_lines([f"wrote {base}: 3 tests (0 new, 0 changed); 0 failing tests *"])
+    assert json.loads(base.read_text())["tests"] == before
+
+    # updating records an improvement and a growth (reported as accepted); a failing
+    # test keeps its old entry, whatever it measured
+    monkeypatch.setenv("GROW_MIB", "10")
+    monkeypatch.setenv("TINY_KIB", "2000")
+    monkeypatch.setenv("PHASE_MIB", "40")
+    monkeypatch.setenv("BREAK_PHASE", "1")
+    monkeypatch.setenv("BREAK", "1")
+    updated = run(*opts, "--memtrack-update-baseline")
+    updated.assert_outcomes(passed=2, failed=2)
+    after = json.loads(base.read_text())["tests"]
+    assert after["test_base.py::test_grow"]["peak"] == pytest.approx(10 * mib, rel=0.05)
+    assert after["test_base.py::test_tiny"]["peak"] > before["test_base.py::test_tiny"]["peak"]
+    assert after["test_base.py::test_marked_phase"] == before["test_base.py::test_marked_phase"]
+    assert "test_base.py::test_sometimes_failing" not in after
+    updated.stdout.fnmatch_lines([
+        "  accepted test_base.py::test_tiny: peak * over the baseline *",
+        f"wrote {base}: 3 tests (0 new, 2 changed); 2 failing tests not written",
+    ])
+
+
+def test_repeat_keeps_the_median_so_one_noisy_run_does_not_fail(pytester, run):
+    # given a test whose first run spikes to 80 MiB and whose other runs take 20 MiB
+    pytester.makepyfile(test_repeat="""
+        from helpers import touch
+        runs = []
+
+        def test_noisy():
+            runs.append(1)
+            buf = touch(80 if len(runs) == 1 else 20)
+            del buf
+
+        def test_ran_three_times():
+            assert len(runs) == 3
+    """)
+    base = pytester.path / "b.json"
+    base.write_text(json.dumps({"format": "memtrack-baseline/1", "tests": {
+        "test_repeat.py::test_noisy": {"peak": 20 * 1024 * 1024}}}))
+    # once, the spike fails the gate; the median of three runs does not
+    run(f"--memtrack-baseline={base}", "-k", "test_noisy").assert_outcomes(failed=1)
+    repeated = run(f"--memtrack-baseline={base}", "--memtrack-repeat=3", "--memtrack", "-v")
+    repeated.assert_outcomes(passed=2)
+    expect_lines(repeated, ["*median of 3 runs*", "  ~20 MiB * test_repeat.py::test_noisy"])
+
+
+def test_ini_options_mirror_the_command_line(pytester, run):
+    pytester.makeini("""
+        [pytest]
+        memtrack = true
+        memtrack_top = 1
+        memtrack_baseline = base/memory.json
+        memtrack_update_baseline = true
+        memtrack_tolerance = 25%
+        memtrack_floor = 2 MB
+    """)
+    pytester.makepyfile(test_two="""
+        from helpers import touch
+
+        def test_big():
+            buf = touch(30)
+
+        def test_small():
+            pass
+    """)
+    result = run()
+    result.assert_outcomes(passed=2)
+    out = result.stdout
+    expect_lines(result, [
+        "memtrack: peaks exact (kernel high-water mark); baseline */base/memory.json "
+        "(tolerance 25% and 1.9 MiB, updating)",
+        "*memtrack: largest peaks (1 of 2 measured tests)*",
+        "  ~30 MiB * test_two.py::test_big",
+    ])
+    assert "test_two.py::test_small" not in out.str().split("largest peaks")[1]
+    assert set(json.loads((pytester.path / "base" / "memory.json").read_text())["tests"]) == {
+        "test_two.py::test_big", "test_two.py::test_small"}
+
+
+def test_bad_option_values_are_usage_errors(pytester, run):
+    pytester.makepyfile(test_x="def test_x(): pass")
+    result = run("--memtrack-tolerance=lots")
+    result.stderr.fnmatch_lines(
+        ["ERROR: --memtrack-tolerance: cannot read 'lots' as a percentage such as '10%'"])
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result = run("--memtrack-update-baseline")
+    result.stderr.fnmatch_lines(
+        ["ERROR: --memtrack-update-baseline needs --memtrack-baseline=FILE"])
+    (pytester.path / "broken.json").write_text("{not json")
+    result = run("--memtrack-baseline=broken.json")
+    result.stderr.fnmatch_lines(["ERROR: memtrack: the baseline */broken.json is not JSON: *"])
+
+
+# --------------------------------------------------------------------------- xdist
+
+def test_xdist_workers_measure_and_the_controller_merges(pytester, run):
+    pytest.importorskip("xdist")
+    pytester.makepyfile(test_spread=textwrap.dedent("""
+        import pytest
+        import memtrack
+        from helpers import touch
+
+        @pytest.mark.parametrize("mib", [10, 20, 30, 40])
+        def test_size(mib):
+            with memtrack.phase(f"p{mib}"):
+                buf = touch(mib)
+                del buf
+    """))
+    base = pytester.path / "b.json"
+    result = run("-n", "2", "-v", "--memtrack", "--memtrack-top=3",
+                 f"--memtrack-baseline={base}", "--memtrack-update-baseline")
+    result.assert_outcomes(passed=4)
+    out = result.stdout
+    expect_lines(result, [
+        "*memtrack: largest peaks (3 of 4 measured tests)*",
+        "  ~40 MiB * test_spread.py::test_size?40?",
+        "* phases: p40 +~40 MiB",
+        "  ~30 MiB * test_spread.py::test_size?30?",
+        "* phases: p30 +~30 MiB",
+        "  ~20 MiB * test_spread.py::test_size?20?",
+        f"wrote {base}: 4 tests (4 new, 0 changed); 0 failing tests not written",
+    ])
+    # both workers ran (and measured) tests; the merged baseline has all four
+    out.fnmatch_lines(["[[]gw0[]]*PASSED test_spread.py::*"])
+    out.fnmatch_lines(["[[]gw1[]]*PASSED test_spread.py::*"])
+    tests = json.loads(base.read_text())["tests"]
+    mib = 1024 * 1024
+    assert {k: round(v["peak"] / mib) for k, v in tests.items()} == {
+        f"test_spread.py::test_size[{n}]": n for n in (10, 20, 30, 40)}
