@@ -160,13 +160,13 @@ PyObject *mt_phase_counters(PyObject *module, PyObject *unused);
 /* segment.c: the worker table. Worker side (this process's slot) and reader. */
 
 typedef struct {
-    const char *path;         /* the ended phase */
+    const char *path; /* the ended phase */
     size_t path_len;
-    const char *parent_path;  /* the thread's enclosing phase, "" for none */
+    const char *parent_path; /* the thread's enclosing phase, "" for none */
     size_t parent_len;
     uint32_t parent_depth;
-    int outermost;            /* depth 1: a task ended */
-    int still_open;           /* other phases still open in the process */
+    int outermost;  /* depth 1: a task ended */
+    int still_open; /* other phases still open in the process */
     uint64_t rss_start, rss_end, peak_rss, heap_used;
     double duration;
 } mt_worker_exit;
@@ -255,13 +255,13 @@ int mt_pack_nil(mt_packer *p);
 int mt_os_init(mt_oserr *e);       /* open the descriptors kept open */
 void mt_os_after_fork_child(void); /* reopen them in a forked child */
 int mt_os_register_atfork(void (*prepare)(void), void (*parent)(void), void (*child)(void));
-unsigned mt_os_missing(void);      /* MT_LACKS_* bits */
+unsigned mt_os_missing(void); /* MT_LACKS_* bits */
 double mt_os_monotonic(void);
 long mt_os_pid(void);
-int mt_os_trim(void); /* give free heap back to the OS; 1 if any was */
-int mt_os_rss(uint64_t *rss, mt_oserr *e);        /* fast path */
-int mt_os_hwm(uint64_t *hwm, mt_oserr *e);        /* fast, may be stale: see peak.c */
-int mt_os_hwm_exact(uint64_t *hwm, mt_oserr *e);  /* slow, never stale */
+int mt_os_trim(void);                            /* give free heap back to the OS; 1 if any was */
+int mt_os_rss(uint64_t *rss, mt_oserr *e);       /* fast path */
+int mt_os_hwm(uint64_t *hwm, mt_oserr *e);       /* fast, may be stale: see peak.c */
+int mt_os_hwm_exact(uint64_t *hwm, mt_oserr *e); /* slow, never stale */
 int mt_os_reset_hwm(mt_oserr *e);
 int mt_os_heap(uint64_t *used, uint64_t *free_bytes);
 int mt_os_sample(mt_sample *s, mt_oserr *e);

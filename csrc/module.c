@@ -166,17 +166,20 @@ static PyStructSequence_Field worker_stats_fields[] = {
     {NULL, NULL},
 };
 
-static PyStructSequence_Desc worker_stats_desc = {"memtrack.WorkerStats",
-    "WorkerStats: one worker of a WorkerTable, as its slot last said.", worker_stats_fields, 19};
+static PyStructSequence_Desc worker_stats_desc = {
+    "memtrack.WorkerStats", "WorkerStats: one worker of a WorkerTable, as its slot last said.",
+    worker_stats_fields, 19};
 
-static PyStructSequence_Desc sample_desc = {"memtrack.Sample",
-    "Sample: one reading of this process's memory (bytes unless said).", sample_fields, 12};
-static PyStructSequence_Desc footprint_desc = {"memtrack.Footprint",
-    "Footprint: private and proportional memory of this process.", footprint_fields, 3};
-static PyStructSequence_Desc phase_stats_desc = {"memtrack.PhaseStats",
-    "PhaseStats: one completed phase.", phase_stats_fields, 13};
-static PyStructSequence_Desc phase_summary_desc = {"memtrack.PhaseSummary",
-    "PhaseSummary: the totals of every completed run of one phase path.",
+static PyStructSequence_Desc sample_desc = {
+    "memtrack.Sample", "Sample: one reading of this process's memory (bytes unless said).",
+    sample_fields, 12};
+static PyStructSequence_Desc footprint_desc = {
+    "memtrack.Footprint", "Footprint: private and proportional memory of this process.",
+    footprint_fields, 3};
+static PyStructSequence_Desc phase_stats_desc = {
+    "memtrack.PhaseStats", "PhaseStats: one completed phase.", phase_stats_fields, 13};
+static PyStructSequence_Desc phase_summary_desc = {
+    "memtrack.PhaseSummary", "PhaseSummary: the totals of every completed run of one phase path.",
     phase_summary_fields, 6};
 
 /* ------------------------------------------------------------------------ */
@@ -219,10 +222,8 @@ static PyObject *
 mt_trim(PyObject *module, PyObject *unused)
 {
     int released;
-    Py_BEGIN_ALLOW_THREADS
-    released = mt_os_trim();
-    Py_END_ALLOW_THREADS
-    return PyBool_FromLong(released);
+    Py_BEGIN_ALLOW_THREADS released = mt_os_trim();
+    Py_END_ALLOW_THREADS return PyBool_FromLong(released);
 }
 
 static PyMethodDef module_methods[] = {
@@ -283,11 +284,11 @@ module_exec(PyObject *module)
         mt_raise_oserr(&process_init_error);
         return -1;
     }
-    if (add_type(module, &st->Sample, &sample_desc) < 0
-        || add_type(module, &st->Footprint, &footprint_desc) < 0
-        || add_type(module, &st->PhaseStats, &phase_stats_desc) < 0
-        || add_type(module, &st->PhaseSummary, &phase_summary_desc) < 0
-        || add_type(module, &st->WorkerStats, &worker_stats_desc) < 0) {
+    if (add_type(module, &st->Sample, &sample_desc) < 0 ||
+        add_type(module, &st->Footprint, &footprint_desc) < 0 ||
+        add_type(module, &st->PhaseStats, &phase_stats_desc) < 0 ||
+        add_type(module, &st->PhaseSummary, &phase_summary_desc) < 0 ||
+        add_type(module, &st->WorkerStats, &worker_stats_desc) < 0) {
         return -1;
     }
     st->Phase = (PyTypeObject *)PyType_FromModuleAndSpec(module, &mt_phase_spec, NULL);
@@ -295,8 +296,8 @@ module_exec(PyObject *module)
         return -1;
     }
     st->Segment = (PyTypeObject *)PyType_FromModuleAndSpec(module, &mt_segment_spec, NULL);
-    if (st->Segment == NULL
-        || PyModule_AddObjectRef(module, "Segment", (PyObject *)st->Segment) < 0) {
+    if (st->Segment == NULL ||
+        PyModule_AddObjectRef(module, "Segment", (PyObject *)st->Segment) < 0) {
         return -1;
     }
     PyObject *watch = PyType_FromModuleAndSpec(module, &mt_watch_spec, NULL);
@@ -313,24 +314,23 @@ module_exec(PyObject *module)
     Py_DECREF(recorder);
     st->TableError = PyErr_NewExceptionWithDoc(
         "memtrack.TableError",
-        "A worker table segment is not usable: wrong magic, version or size.",
-        PyExc_ValueError, NULL);
-    if (st->TableError == NULL
-        || PyModule_AddObjectRef(module, "TableError", st->TableError) < 0) {
+        "A worker table segment is not usable: wrong magic, version or size.", PyExc_ValueError,
+        NULL);
+    if (st->TableError == NULL || PyModule_AddObjectRef(module, "TableError", st->TableError) < 0) {
         return -1;
     }
     st->ProfileError = PyErr_NewExceptionWithDoc(
         "memtrack.ProfileError", "A profile file is truncated, corrupt or not a memtrack profile.",
         PyExc_ValueError, NULL);
-    if (st->ProfileError == NULL
-        || PyModule_AddObjectRef(module, "ProfileError", st->ProfileError) < 0) {
+    if (st->ProfileError == NULL ||
+        PyModule_AddObjectRef(module, "ProfileError", st->ProfileError) < 0) {
         return -1;
     }
-    if (PyModule_AddStringConstant(module, "__version__", MT_VERSION) < 0
-        || PyModule_AddIntConstant(module, "MAX_NAME", MT_MAX_NAME) < 0
-        || PyModule_AddIntConstant(module, "MAX_DEPTH", MT_MAX_DEPTH) < 0
-        || PyModule_AddIntConstant(module, "MAX_PATH", MT_MAX_PATH) < 0
-        || PyModule_AddIntConstant(module, "MAX_PATHS", MT_MAX_PATHS) < 0) {
+    if (PyModule_AddStringConstant(module, "__version__", MT_VERSION) < 0 ||
+        PyModule_AddIntConstant(module, "MAX_NAME", MT_MAX_NAME) < 0 ||
+        PyModule_AddIntConstant(module, "MAX_DEPTH", MT_MAX_DEPTH) < 0 ||
+        PyModule_AddIntConstant(module, "MAX_PATH", MT_MAX_PATH) < 0 ||
+        PyModule_AddIntConstant(module, "MAX_PATHS", MT_MAX_PATHS) < 0) {
         return -1;
     }
     return 0;

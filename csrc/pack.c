@@ -44,17 +44,53 @@ mt_packer_bytes(mt_packer *p)
     return PyBytes_FromStringAndSize(p->buf.data ? p->buf.data : "", (Py_ssize_t)p->buf.size);
 }
 
-size_t mt_packer_size(const mt_packer *p) { return p->buf.size; }
-const char *mt_packer_data(const mt_packer *p) { return p->buf.data; }
-void mt_packer_clear(mt_packer *p) { msgpack_sbuffer_clear(&p->buf); }
+size_t
+mt_packer_size(const mt_packer *p)
+{
+    return p->buf.size;
+}
+const char *
+mt_packer_data(const mt_packer *p)
+{
+    return p->buf.data;
+}
+void
+mt_packer_clear(mt_packer *p)
+{
+    msgpack_sbuffer_clear(&p->buf);
+}
 
 /* Each returns 0, or -1 when the buffer could not grow. */
-int mt_pack_map(mt_packer *p, size_t n) { return msgpack_pack_map(&p->pk, n) ? -1 : 0; }
-int mt_pack_array(mt_packer *p, size_t n) { return msgpack_pack_array(&p->pk, n) ? -1 : 0; }
-int mt_pack_u64(mt_packer *p, uint64_t v) { return msgpack_pack_uint64(&p->pk, v) ? -1 : 0; }
-int mt_pack_i64(mt_packer *p, int64_t v) { return msgpack_pack_int64(&p->pk, v) ? -1 : 0; }
-int mt_pack_double(mt_packer *p, double v) { return msgpack_pack_double(&p->pk, v) ? -1 : 0; }
-int mt_pack_nil(mt_packer *p) { return msgpack_pack_nil(&p->pk) ? -1 : 0; }
+int
+mt_pack_map(mt_packer *p, size_t n)
+{
+    return msgpack_pack_map(&p->pk, n) ? -1 : 0;
+}
+int
+mt_pack_array(mt_packer *p, size_t n)
+{
+    return msgpack_pack_array(&p->pk, n) ? -1 : 0;
+}
+int
+mt_pack_u64(mt_packer *p, uint64_t v)
+{
+    return msgpack_pack_uint64(&p->pk, v) ? -1 : 0;
+}
+int
+mt_pack_i64(mt_packer *p, int64_t v)
+{
+    return msgpack_pack_int64(&p->pk, v) ? -1 : 0;
+}
+int
+mt_pack_double(mt_packer *p, double v)
+{
+    return msgpack_pack_double(&p->pk, v) ? -1 : 0;
+}
+int
+mt_pack_nil(mt_packer *p)
+{
+    return msgpack_pack_nil(&p->pk) ? -1 : 0;
+}
 
 int
 mt_pack_str(mt_packer *p, const char *s, size_t len)
@@ -122,9 +158,8 @@ pack_value(mt_packer *p, PyObject *obj, int depth)
         rc = mt_pack_str(p, s, (size_t)len);
     }
     else if (PyBytes_Check(obj)) {
-        rc = msgpack_pack_bin(&p->pk, (size_t)PyBytes_GET_SIZE(obj))
-             || msgpack_pack_bin_body(&p->pk, PyBytes_AS_STRING(obj),
-                                      (size_t)PyBytes_GET_SIZE(obj));
+        rc = msgpack_pack_bin(&p->pk, (size_t)PyBytes_GET_SIZE(obj)) ||
+             msgpack_pack_bin_body(&p->pk, PyBytes_AS_STRING(obj), (size_t)PyBytes_GET_SIZE(obj));
     }
     else if (PyList_Check(obj) || PyTuple_Check(obj)) {
         PyObject *seq = PySequence_Fast(obj, "");
@@ -152,8 +187,10 @@ pack_value(mt_packer *p, PyObject *obj, int depth)
         }
     }
     else {
-        PyErr_Format(PyExc_TypeError, "cannot pack a %.100s; use None, bool, int, float, "
-                     "str, bytes, list, tuple or dict", Py_TYPE(obj)->tp_name);
+        PyErr_Format(PyExc_TypeError,
+                     "cannot pack a %.100s; use None, bool, int, float, "
+                     "str, bytes, list, tuple or dict",
+                     Py_TYPE(obj)->tp_name);
         return -1;
     }
     if (rc != 0) {
@@ -228,8 +265,9 @@ to_python(const msgpack_object *o, int depth, const char **why)
         PyObject *dict = PyDict_New();
         for (uint32_t i = 0; dict != NULL && i < o->via.map.size; i++) {
             const msgpack_object_kv *kv = &o->via.map.ptr[i];
-            if (kv->key.type != MSGPACK_OBJECT_STR && kv->key.type != MSGPACK_OBJECT_POSITIVE_INTEGER
-                && kv->key.type != MSGPACK_OBJECT_NEGATIVE_INTEGER) {
+            if (kv->key.type != MSGPACK_OBJECT_STR &&
+                kv->key.type != MSGPACK_OBJECT_POSITIVE_INTEGER &&
+                kv->key.type != MSGPACK_OBJECT_NEGATIVE_INTEGER) {
                 *why = "a map key is not a string or an integer";
                 Py_CLEAR(dict);
                 break;
@@ -293,9 +331,9 @@ prescan(const unsigned char *b, size_t len, size_t off, size_t *end, const char 
                 [0xde - 0xc4] = 2, [0xdf - 0xc4] = 4,                    /* map */
             };
             static const unsigned char fixed[0xdf - 0xc4 + 1] = {
-                [0xca - 0xc4] = 4, [0xcb - 0xc4] = 8, [0xcc - 0xc4] = 1, [0xcd - 0xc4] = 2,
-                [0xce - 0xc4] = 4, [0xcf - 0xc4] = 8, [0xd0 - 0xc4] = 1, [0xd1 - 0xc4] = 2,
-                [0xd2 - 0xc4] = 4, [0xd3 - 0xc4] = 8, [0xd4 - 0xc4] = 2, [0xd5 - 0xc4] = 3,
+                [0xca - 0xc4] = 4, [0xcb - 0xc4] = 8, [0xcc - 0xc4] = 1,  [0xcd - 0xc4] = 2,
+                [0xce - 0xc4] = 4, [0xcf - 0xc4] = 8, [0xd0 - 0xc4] = 1,  [0xd1 - 0xc4] = 2,
+                [0xd2 - 0xc4] = 4, [0xd3 - 0xc4] = 8, [0xd4 - 0xc4] = 2,  [0xd5 - 0xc4] = 3,
                 [0xd6 - 0xc4] = 5, [0xd7 - 0xc4] = 9, [0xd8 - 0xc4] = 17,
             };
             unsigned w = width[c - 0xc4];
@@ -368,9 +406,11 @@ mt_unpack_stream(PyObject *module, PyObject *data)
         const char *bad = NULL;
         int scan = prescan((const unsigned char *)buf, len, off, &end, &bad);
         if (scan == 1) {
-            error = Py_BuildValue("(snN)", "truncated", (Py_ssize_t)start,
-                                  PyUnicode_FromFormat("the data ends inside the object at byte %zu "
-                                                       "(%zu bytes in all)", start, len));
+            error =
+                Py_BuildValue("(snN)", "truncated", (Py_ssize_t)start,
+                              PyUnicode_FromFormat("the data ends inside the object at byte %zu "
+                                                   "(%zu bytes in all)",
+                                                   start, len));
             break;
         }
         if (scan == 2) {
@@ -381,9 +421,11 @@ mt_unpack_stream(PyObject *module, PyObject *data)
         /* msgpack-c sees exactly the bytes of this one object. */
         msgpack_unpack_return rc = msgpack_unpack_next(&result, buf, end, &off);
         if (rc == MSGPACK_UNPACK_CONTINUE) {
-            error = Py_BuildValue("(snN)", "truncated", (Py_ssize_t)start,
-                                  PyUnicode_FromFormat("the data ends inside the object at byte %zu "
-                                                       "(%zu bytes in all)", start, len));
+            error =
+                Py_BuildValue("(snN)", "truncated", (Py_ssize_t)start,
+                              PyUnicode_FromFormat("the data ends inside the object at byte %zu "
+                                                   "(%zu bytes in all)",
+                                                   start, len));
             off = start;
             break;
         }
@@ -391,7 +433,8 @@ mt_unpack_stream(PyObject *module, PyObject *data)
             error = Py_BuildValue("(snN)", "corrupt", (Py_ssize_t)start,
                                   PyUnicode_FromFormat("the object at byte %zu is nested too "
                                                        "deeply or declares more items than "
-                                                       "memory allows", start));
+                                                       "memory allows",
+                                                       start));
             off = start;
             break;
         }
@@ -407,9 +450,9 @@ mt_unpack_stream(PyObject *module, PyObject *data)
             if (why == NULL) {
                 goto done; /* a Python error (no memory) */
             }
-            error = Py_BuildValue("(snN)", "corrupt", (Py_ssize_t)start,
-                                  PyUnicode_FromFormat("the object at byte %zu is unusable: %s",
-                                                       start, why));
+            error = Py_BuildValue(
+                "(snN)", "corrupt", (Py_ssize_t)start,
+                PyUnicode_FromFormat("the object at byte %zu is unusable: %s", start, why));
             off = start;
             break;
         }

@@ -15,9 +15,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ROOT_ID 0u           /* parent of outermost phases */
+#define ROOT_ID 0u               /* parent of outermost phases */
 #define ERROR_PARENT 0xFFFFFFFFu /* interned exception names hang here */
-#define OVERFLOW_ID 1u       /* "(overflow)": used when the path table is full */
+#define OVERFLOW_ID 1u           /* "(overflow)": used when the path table is full */
 
 typedef struct {
     uint32_t parent;
@@ -57,15 +57,14 @@ typedef struct mt_frame {
     uint64_t rss_start, heap_start;
     double start;
     unsigned long thread_id;
-    int orphaned; /* exited by another thread: still on its entry thread's chain */
+    int orphaned;  /* exited by another thread: still on its entry thread's chain */
     int inherited; /* open in the parent when this process forked: not ours */
     int watch;     /* a PeakWatch: folded like a phase, never recorded */
 } mt_frame;
 
 typedef struct {
-    PyObject_HEAD
-    PyObject *name;      /* str */
-    const char *name_utf8; /* owned by name */
+    PyObject_HEAD PyObject *name; /* str */
+    const char *name_utf8;        /* owned by name */
     Py_ssize_t name_len;
     int active;
     int done;
@@ -151,8 +150,7 @@ grow_locked(void)
 
 /* Add a path entry; returns its id, or 0 when out of memory. */
 static uint32_t
-add_path_locked(uint32_t parent, uint32_t depth, uint64_t hash, const char *name,
-                size_t len)
+add_path_locked(uint32_t parent, uint32_t depth, uint64_t hash, const char *name, size_t len)
 {
     if (grow_locked() < 0) {
         return 0;
@@ -175,9 +173,14 @@ add_path_locked(uint32_t parent, uint32_t depth, uint64_t hash, const char *name
     memcpy(p + prefix, name, len);
     p[prefix + len] = '\0';
     uint32_t id = ph.npaths++;
-    ph.paths[id] = (mt_path){.parent = parent, .depth = depth, .hash = hash,
-                             .name = n, .name_len = len, .path = p,
-                             .path_len = prefix + len, .slot_entry = -2};
+    ph.paths[id] = (mt_path){.parent = parent,
+                             .depth = depth,
+                             .hash = hash,
+                             .name = n,
+                             .name_len = len,
+                             .path = p,
+                             .path_len = prefix + len,
+                             .slot_entry = -2};
     index_put(ph.index, ph.index_cap, hash, id);
     return id;
 }
@@ -195,8 +198,8 @@ init_paths_locked(void)
     ph.paths[0].name = ph.paths[0].path = "";
     ph.npaths = 1;
     static const char overflow[] = "(overflow)";
-    if (add_path_locked(ROOT_ID, 1, path_hash(ROOT_ID, overflow, sizeof overflow - 1),
-                        overflow, sizeof overflow - 1) != OVERFLOW_ID) {
+    if (add_path_locked(ROOT_ID, 1, path_hash(ROOT_ID, overflow, sizeof overflow - 1), overflow,
+                        sizeof overflow - 1) != OVERFLOW_ID) {
         return -1;
     }
     return 0;
@@ -223,8 +226,8 @@ intern_locked(uint32_t parent, uint32_t depth, const char *name, size_t len)
             break;
         }
         const mt_path *p = &ph.paths[id];
-        if (p->hash == hash && p->parent == parent && p->name_len == len
-            && memcmp(p->name, name, len) == 0) {
+        if (p->hash == hash && p->parent == parent && p->name_len == len &&
+            memcmp(p->name, name, len) == 0) {
             return id;
         }
     }
@@ -378,8 +381,7 @@ phase_init(PhaseObject *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     if (len > MT_MAX_NAME) {
-        PyErr_Format(PyExc_ValueError,
-                     "phase name is %zd UTF-8 bytes long; the limit is %d", len,
+        PyErr_Format(PyExc_ValueError, "phase name is %zd UTF-8 bytes long; the limit is %d", len,
                      MT_MAX_NAME);
         return -1;
     }
@@ -424,8 +426,8 @@ phase_enter(PhaseObject *self, PyObject *unused)
         return NULL;
     }
     if (self->active || f->orphaned) {
-        PyErr_Format(PyExc_RuntimeError,
-                     "phase %R is %s; enter a new phase object instead", self->name,
+        PyErr_Format(PyExc_RuntimeError, "phase %R is %s; enter a new phase object instead",
+                     self->name,
                      self->active ? "already active" : "still open in the thread that entered it");
         return NULL;
     }
@@ -439,8 +441,8 @@ phase_enter(PhaseObject *self, PyObject *unused)
     f->thread_id = PyThread_get_thread_ident();
 
     mtx_lock(&mt_phase_lock);
-    f->path_id = intern_locked(parent ? parent->path_id : ROOT_ID, f->depth,
-                               self->name_utf8, (size_t)self->name_len);
+    f->path_id = intern_locked(parent ? parent->path_id : ROOT_ID, f->depth, self->name_utf8,
+                               (size_t)self->name_len);
     if (f->path_id == 0) {
         rc = -2;
     }
@@ -551,12 +553,18 @@ phase_exit(PhaseObject *self, PyObject *const *args, Py_ssize_t nargs)
         mt_path *p = &ph.paths[f->path_id];
         const mt_path *up = f->parent ? &ph.paths[f->parent->path_id] : &ph.paths[ROOT_ID];
         mt_worker_exit x = {
-            .path = p->path, .path_len = p->path_len,
-            .parent_path = up->path, .parent_len = up->path_len,
+            .path = p->path,
+            .path_len = p->path_len,
+            .parent_path = up->path,
+            .parent_len = up->path_len,
             .parent_depth = f->parent ? f->parent->depth : 0,
-            .outermost = f->depth == 1, .still_open = ph.nopen != 0,
-            .rss_start = r->rss_start, .rss_end = r->rss_end, .peak_rss = r->peak_rss,
-            .heap_used = heap, .duration = r->duration,
+            .outermost = f->depth == 1,
+            .still_open = ph.nopen != 0,
+            .rss_start = r->rss_start,
+            .rss_end = r->rss_end,
+            .peak_rss = r->peak_rss,
+            .heap_used = heap,
+            .duration = r->duration,
         };
         mt_worker_on_exit_locked(&x, &p->slot_entry, &p->slot_gen);
     }
@@ -577,8 +585,8 @@ phase_exit(PhaseObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* Fill `out` (PhaseStats) from a record; the path strings are stable. */
 static PyObject *
-stats_from_record(PyTypeObject *tp, const mt_record *r, const char *name,
-                  const char *path, const char *error)
+stats_from_record(PyTypeObject *tp, const mt_record *r, const char *name, const char *path,
+                  const char *error)
 {
     PyObject *s = PyStructSequence_New(tp);
     if (s == NULL) {
@@ -706,8 +714,7 @@ PyType_Spec mt_phase_spec = {
 /* (the pytest plugin measures a test body with one).                        */
 
 typedef struct {
-    PyObject_HEAD
-    int active;
+    PyObject_HEAD int active;
     mt_frame frame;
 } WatchObject;
 
@@ -724,8 +731,7 @@ watch_start(WatchObject *self, PyObject *unused)
     mtx_lock(&mt_phase_lock);
     int rc = mt_peak_reset_locked(&rss, &e);
     if (rc == 0) {
-        *f = (mt_frame){.watch = 1, .rss_start = rss, .peak = rss,
-                        .start = mt_os_monotonic()};
+        *f = (mt_frame){.watch = 1, .rss_start = rss, .peak = rss, .start = mt_os_monotonic()};
         link_locked(f);
     }
     mtx_unlock(&mt_phase_lock);
@@ -763,10 +769,10 @@ watch_stop(WatchObject *self, PyObject *unused)
     mtx_unlock(&mt_phase_lock);
     self->active = 0;
     double duration = mt_os_monotonic() - f->start;
-    PyObject *result = rc < 0 ? NULL
-                              : Py_BuildValue("(KKKd)", (unsigned long long)f->rss_start,
-                                              (unsigned long long)rss,
-                                              (unsigned long long)f->peak, duration);
+    PyObject *result =
+        rc < 0 ? NULL
+               : Py_BuildValue("(KKKd)", (unsigned long long)f->rss_start, (unsigned long long)rss,
+                               (unsigned long long)f->peak, duration);
     if (rc < 0) {
         mt_raise_oserr(&e);
     }
@@ -845,8 +851,8 @@ mt_summary(PyObject *module, PyObject *unused)
         PyStructSequence_SET_ITEM(s, 2, PyLong_FromUnsignedLongLong(p->max_peak_rss));
         PyStructSequence_SET_ITEM(s, 3, PyLong_FromUnsignedLongLong(p->max_peak_delta));
         PyStructSequence_SET_ITEM(s, 4, PyLong_FromLongLong(p->total_rss_delta));
-        PyStructSequence_SET_ITEM(s, 5,
-                                  PyFloat_FromDouble((double)p->total_rss_delta / (double)p->count));
+        PyStructSequence_SET_ITEM(
+            s, 5, PyFloat_FromDouble((double)p->total_rss_delta / (double)p->count));
         int bad = 0;
         for (int j = 0; j < 6; j++) {
             bad |= PyStructSequence_GET_ITEM(s, j) == NULL;
@@ -892,8 +898,8 @@ mt_records(PyObject *module, PyObject *unused)
     }
     list = PyList_New((Py_ssize_t)n);
     for (size_t i = 0; list != NULL && i < n; i++) {
-        PyObject *s = stats_from_record(st->PhaseStats, &copy[i].r, copy[i].name,
-                                        copy[i].path, copy[i].error);
+        PyObject *s = stats_from_record(st->PhaseStats, &copy[i].r, copy[i].name, copy[i].path,
+                                        copy[i].error);
         if (s == NULL) {
             Py_CLEAR(list);
             break;
@@ -935,8 +941,7 @@ mt_configure(PyObject *module, PyObject *args, PyObject *kwargs)
     }
     if (max_records != -1) {
         if (max_records < 1 || (size_t)max_records > SIZE_MAX / sizeof(mt_record)) {
-            PyErr_Format(PyExc_ValueError, "max_records must be at least 1, not %zd",
-                         max_records);
+            PyErr_Format(PyExc_ValueError, "max_records must be at least 1, not %zd", max_records);
             return NULL;
         }
         mt_record *ring = malloc((size_t)max_records * sizeof *ring);
@@ -972,8 +977,8 @@ mt_phase_counters(PyObject *module, PyObject *unused)
     unsigned long long paths = ph.npaths - 2, open = ph.nopen, overflowed = ph.overflowed,
                        dropped = ph.dropped, records = ph.ring_count;
     mtx_unlock(&mt_phase_lock);
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K}", "paths", paths, "open", open,
-                         "overflowed", overflowed, "dropped", dropped, "records", records);
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K}", "paths", paths, "open", open, "overflowed",
+                         overflowed, "dropped", dropped, "records", records);
 }
 
 /* The records and the summary as msgpack maps (docs/format.md), packed

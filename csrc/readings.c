@@ -120,9 +120,9 @@ mt_footprint_py(PyObject *module, PyObject *unused)
     mt_oserr e;
     int rc;
     Py_BEGIN_ALLOW_THREADS /* smaps_rollup walks every mapping: slow */
-    rc = mt_os_footprint(&f, &e);
-    Py_END_ALLOW_THREADS
-    if (rc < 0) {
+        rc = mt_os_footprint(&f, &e);
+    Py_END_ALLOW_THREADS if (rc < 0)
+    {
         mt_raise_oserr(&e);
         return NULL;
     }
@@ -154,12 +154,9 @@ mt_capabilities(PyObject *module, PyObject *unused)
         unsigned bit;
         const char *name;
     } readings[] = {
-        {MT_LACKS_HEAP, "heap"},
-        {MT_LACKS_PSS, "pss"},
-        {MT_LACKS_SWAP, "swap"},
-        {MT_LACKS_RSS_SPLIT, "rss_split"},
-        {MT_LACKS_FAULTS, "faults"},
-        {MT_LACKS_PEAK_RESET, "peak_reset"},
+        {MT_LACKS_HEAP, "heap"},     {MT_LACKS_PSS, "pss"},
+        {MT_LACKS_SWAP, "swap"},     {MT_LACKS_RSS_SPLIT, "rss_split"},
+        {MT_LACKS_FAULTS, "faults"}, {MT_LACKS_PEAK_RESET, "peak_reset"},
     };
     unsigned missing = mt_os_missing();
     int sampler = mt_peak_method_in_force() == MT_PEAK_SAMPLER;
@@ -188,10 +185,8 @@ mt_capabilities(PyObject *module, PyObject *unused)
     }
     mtx_unlock(&mt_phase_lock);
     PyObject *why = sampler ? PyUnicode_FromString(reason) : Py_NewRef(Py_None);
-    return Py_BuildValue("{s:s,s:s,s:N,s:d,s:N,s:O}", "platform", MT_PLATFORM,
-                         "peak_method", sampler ? "sampler" : "kernel",
-                         "peak_fallback_reason", why,
-                         "sampler_interval", mt_peak_sampler_interval(),
-                         "lacks", lacks,
-                         "disabled", atomic_load(&mt_disabled) ? Py_True : Py_False);
+    return Py_BuildValue("{s:s,s:s,s:N,s:d,s:N,s:O}", "platform", MT_PLATFORM, "peak_method",
+                         sampler ? "sampler" : "kernel", "peak_fallback_reason", why,
+                         "sampler_interval", mt_peak_sampler_interval(), "lacks", lacks, "disabled",
+                         atomic_load(&mt_disabled) ? Py_True : Py_False);
 }

@@ -19,7 +19,7 @@
 
 /* What the recorder last saw of a slot, to turn changes into events. */
 typedef struct {
-    int64_t pid;     /* 0: nothing seen */
+    int64_t pid; /* 0: nothing seen */
     const char *state;
     uint64_t tasks;
     char phase[256];
@@ -29,14 +29,14 @@ typedef struct {
     long pid;
     uint64_t pss, uss; /* last reading, 0 before the first */
     int have_pss;
-    int present;       /* seen in this round */
-    uint64_t rounds;   /* rounds it has been seen in */
+    int present;     /* seen in this round */
+    uint64_t rounds; /* rounds it has been seen in */
 } mt_seen_proc;
 
 typedef struct {
     PyObject_HEAD
-    /* Set before the thread starts and read-only while it runs. */
-    int fd;
+        /* Set before the thread starts and read-only while it runs. */
+        int fd;
     double interval;
     int pss_every;
     long root_pid;
@@ -79,8 +79,8 @@ pack_str_or_nil(mt_packer *pk, const char *s)
 }
 
 static int
-pack_sample(mt_packer *pk, double time, long pid, const char *source, uint64_t rss,
-            uint64_t peak, int have_pss, uint64_t pss, uint64_t uss, const char *phase)
+pack_sample(mt_packer *pk, double time, long pid, const char *source, uint64_t rss, uint64_t peak,
+            int have_pss, uint64_t pss, uint64_t uss, const char *phase)
 {
     int rc = mt_pack_map(pk, 9);
     rc |= mt_pack_key(pk, "t") | mt_pack_key(pk, "sample");
@@ -108,10 +108,10 @@ pack_event(mt_packer *pk, double time, const char *kind, const mt_worker_view *v
     rc |= mt_pack_key(pk, "phase") | pack_str_or_nil(pk, phase);
     rc |= mt_pack_key(pk, "rss") | mt_pack_u64(pk, rss);
     rc |= mt_pack_key(pk, "peak_rss") | mt_pack_u64(pk, peak);
-    rc |= mt_pack_key(pk, "exit_code")
-          | ((v && v->has_exit_code) ? mt_pack_i64(pk, v->exit_code) : mt_pack_nil(pk));
-    rc |= mt_pack_key(pk, "exit_signal")
-          | ((v && v->has_exit_signal) ? mt_pack_i64(pk, v->exit_signal) : mt_pack_nil(pk));
+    rc |= mt_pack_key(pk, "exit_code") |
+          ((v && v->has_exit_code) ? mt_pack_i64(pk, v->exit_code) : mt_pack_nil(pk));
+    rc |= mt_pack_key(pk, "exit_signal") |
+          ((v && v->has_exit_signal) ? mt_pack_i64(pk, v->exit_signal) : mt_pack_nil(pk));
     rc |= mt_pack_key(pk, "state") | (v ? mt_pack_key(pk, v->state) : mt_pack_nil(pk));
     return rc;
 }
@@ -142,8 +142,7 @@ sample_self(RecorderObject *r, double now)
     mtx_lock(&r->lock);
     r->self_rss = rss;
     mtx_unlock(&r->lock);
-    return pack_sample(r->pk, now, mt_os_pid(), "self", rss, peak, have_pss, fp.pss, fp.uss,
-                       phase);
+    return pack_sample(r->pk, now, mt_os_pid(), "self", rss, peak, have_pss, fp.pss, fp.uss, phase);
 }
 
 static int
@@ -168,8 +167,8 @@ sample_workers(RecorderObject *r, double now, mt_pool *pool)
             seen->phase[0] = '\0';
         }
         if (v->alive) {
-            rc |= pack_sample(r->pk, now, (long)v->pid, "worker", v->rss,
-                              window ? window : v->rss, v->pss != 0, v->pss, v->uss, v->phase);
+            rc |= pack_sample(r->pk, now, (long)v->pid, "worker", v->rss, window ? window : v->rss,
+                              v->pss != 0, v->pss, v->uss, v->phase);
             pool->live++;
             pool->rss += v->rss;
             pool->pss += v->pss ? v->pss : v->rss;
@@ -421,8 +420,8 @@ recorder_init(RecorderObject *self, PyObject *args, PyObject *kwds)
     const char *table = NULL;
     long root_pid = 0;
     int pss_every = 10;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "id|zli:Recorder", kwlist, &fd, &interval,
-                                     &table, &root_pid, &pss_every)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "id|zli:Recorder", kwlist, &fd, &interval, &table,
+                                     &root_pid, &pss_every)) {
         return -1;
     }
     if (self->running || self->pk != NULL) {
@@ -524,10 +523,8 @@ stop_thread(RecorderObject *self)
     self->stop = 1;
     cnd_signal(&self->wake);
     mtx_unlock(&self->lock);
-    Py_BEGIN_ALLOW_THREADS
-    thrd_join(self->thread, NULL);
-    Py_END_ALLOW_THREADS
-    self->running = 0;
+    Py_BEGIN_ALLOW_THREADS thrd_join(self->thread, NULL);
+    Py_END_ALLOW_THREADS self->running = 0;
 }
 
 /* stop() -> status dict; raises the first write error, after stopping. */

@@ -30,11 +30,11 @@
 #define FOOTPRINT_EVERY 10 /* heartbeats between uss/pss readings */
 
 typedef struct {
-    char magic[8];          /* "MEMTRACK", no NUL */
-    uint32_t version;       /* SEG_VERSION */
-    uint32_t header_size;   /* SEG_HEADER_SIZE */
-    uint32_t capacity;      /* slots */
-    uint32_t slot_size;     /* SLOT_SIZE */
+    char magic[8];        /* "MEMTRACK", no NUL */
+    uint32_t version;     /* SEG_VERSION */
+    uint32_t header_size; /* SEG_HEADER_SIZE */
+    uint32_t capacity;    /* slots */
+    uint32_t slot_size;   /* SLOT_SIZE */
     int64_t creator_pid;
     uint64_t creator_start; /* clock ticks since boot (/proc/<pid>/stat) */
     double created;         /* unix time */
@@ -55,30 +55,30 @@ typedef struct {
 
 enum { SLOT_FREE = 0, SLOT_IDLE = 1, SLOT_RUNNING = 2, SLOT_EXITED = 3, SLOT_KILLED = 4 };
 enum {
-    FLAG_PHASE_CUT = 1,    /* phase[] holds a truncated path */
-    FLAG_EXIT_CODE = 2,    /* exit_code is known */
-    FLAG_EXIT_SIGNAL = 4,  /* exit_signal is known */
+    FLAG_PHASE_CUT = 1,   /* phase[] holds a truncated path */
+    FLAG_EXIT_CODE = 2,   /* exit_code is known */
+    FLAG_EXIT_SIGNAL = 4, /* exit_signal is known */
 };
 
 typedef struct {
-    _Atomic uint64_t seq;   /* odd while being written */
-    _Atomic int64_t owner;  /* claim word: the owner's pid, 0 when free */
+    _Atomic uint64_t seq;  /* odd while being written */
+    _Atomic int64_t owner; /* claim word: the owner's pid, 0 when free */
     int64_t pid;
-    uint64_t start_time;    /* the owner's start, ticks since boot */
-    uint32_t state;         /* SLOT_* */
-    uint32_t flags;         /* FLAG_* */
+    uint64_t start_time; /* the owner's start, ticks since boot */
+    uint32_t state;      /* SLOT_* */
+    uint32_t flags;      /* FLAG_* */
     uint64_t rss, peak_rss, uss, pss, heap_used, tasks;
-    double updated;         /* CLOCK_MONOTONIC seconds (system-wide) */
+    double updated; /* CLOCK_MONOTONIC seconds (system-wide) */
     double joined;
     uint32_t depth;
     int32_t exit_code;
     int32_t exit_signal;
-    uint32_t nphases;       /* used entries of phases[] */
+    uint32_t nphases;        /* used entries of phases[] */
     uint64_t phase_overflow; /* phase ends whose path found no free entry */
-    char phase[SLOT_PATH];  /* current phase path, NUL-terminated */
+    char phase[SLOT_PATH];   /* current phase path, NUL-terminated */
     mt_slot_phase phases[SLOT_PHASES];
-    uint64_t last_task_rss;       /* rss when the last task (outermost phase) ended */
-    double last_task_time;        /* its CLOCK_MONOTONIC time */
+    uint64_t last_task_rss; /* rss when the last task (outermost phase) ended */
+    double last_task_time;  /* its CLOCK_MONOTONIC time */
     /* The largest peak since a recorder last took it: raised by the owner,
      * swapped to 0 by a recorder (memtrack.record). */
     _Atomic uint64_t window_peak;
@@ -102,8 +102,8 @@ static_assert(offsetof(mt_slot, last_task_rss) == 8064, "slot layout");
 static_assert(offsetof(mt_slot, window_peak) == 8080, "slot layout");
 static_assert(sizeof(_Atomic uint64_t) == 8 && sizeof(_Atomic int64_t) == 8, "atomics");
 
-#define SEG_SIZE(cap) ((size_t)SEG_HEADER_SIZE + (size_t)(cap) * SLOT_SIZE)
-#define SLOT_AT(h, i) ((mt_slot *)((char *)(h) + SEG_HEADER_SIZE + (size_t)(i) * SLOT_SIZE))
+#define SEG_SIZE(cap) ((size_t)SEG_HEADER_SIZE + (size_t)(cap)*SLOT_SIZE)
+#define SLOT_AT(h, i) ((mt_slot *)((char *)(h) + SEG_HEADER_SIZE + (size_t)(i)*SLOT_SIZE))
 
 /* ------------------------------------------------------------------------ */
 /* Sequence counter                                                          */
@@ -235,8 +235,8 @@ check_header(const mt_seg_header *h, size_t size)
     if (h->version != SEG_VERSION) {
         return "its layout version is not the one this memtrack reads";
     }
-    if (h->header_size != SEG_HEADER_SIZE || h->slot_size != SLOT_SIZE
-        || h->slot_phases != SLOT_PHASES) {
+    if (h->header_size != SEG_HEADER_SIZE || h->slot_size != SLOT_SIZE ||
+        h->slot_phases != SLOT_PHASES) {
         return "its header or slot size does not match this memtrack";
     }
     if (h->capacity == 0 || h->capacity > MAX_CAPACITY || SEG_SIZE(h->capacity) != size) {
@@ -254,16 +254,16 @@ static struct {
     mt_seg_header *seg;
     size_t size;
     char name[256];
-    mt_slot *slot;          /* NULL: not joined (or the table was full) */
+    mt_slot *slot; /* NULL: not joined (or the table was full) */
     uint32_t index;
-    uint32_t generation;    /* bumps on every claim: invalidates entry caches */
-    double heartbeat;       /* seconds; 0 disables */
-    int pending_rejoin;     /* forked from a joined process: claim on request */
+    uint32_t generation; /* bumps on every claim: invalidates entry caches */
+    double heartbeat;    /* seconds; 0 disables */
+    int pending_rejoin;  /* forked from a joined process: claim on request */
     /* The heartbeat thread. hb_lock protects hb_stop and the wait. */
     mtx_t hb_lock;
     cnd_t hb_wake;
     int hb_stop;
-    int hb_started;         /* Protected by phase_lock */
+    int hb_started; /* Protected by phase_lock */
     thrd_t hb_thread;
 } wk = {.heartbeat = 0.1};
 
@@ -320,8 +320,8 @@ claim_locked(mt_seg_header *h, uint32_t *index)
     for (uint32_t i = 0; i < h->capacity; i++) {
         mt_slot *s = SLOT_AT(h, i);
         int64_t expected = 0;
-        if (atomic_load_explicit(&s->owner, memory_order_relaxed) == 0
-            && atomic_compare_exchange_strong(&s->owner, &expected, (int64_t)pid)) {
+        if (atomic_load_explicit(&s->owner, memory_order_relaxed) == 0 &&
+            atomic_compare_exchange_strong(&s->owner, &expected, (int64_t)pid)) {
             if (foreign_write_begin(s) < 0) {
                 atomic_store(&s->owner, 0); /* give the claim back */
                 continue;
@@ -345,8 +345,8 @@ claim_locked(mt_seg_header *h, uint32_t *index)
             if (owner == 0 || owner == pid) {
                 continue;
             }
-            int dead = copy.state == SLOT_EXITED || copy.state == SLOT_KILLED
-                       || copy.state > SLOT_KILLED || owner_dead(&copy);
+            int dead = copy.state == SLOT_EXITED || copy.state == SLOT_KILLED ||
+                       copy.state > SLOT_KILLED || owner_dead(&copy);
             if (dead && (best_owner == 0 || copy.updated < best_updated)) {
                 best_owner = owner;
                 best = i;
@@ -468,8 +468,7 @@ stop_heartbeat(void)
 int
 mt_worker_init(void)
 {
-    if (mtx_init(&wk.hb_lock, mtx_plain) != thrd_success
-        || cnd_init(&wk.hb_wake) != thrd_success) {
+    if (mtx_init(&wk.hb_lock, mtx_plain) != thrd_success || cnd_init(&wk.hb_wake) != thrd_success) {
         return -1;
     }
     return 0;
@@ -783,12 +782,11 @@ mt_worker_set_heartbeat(PyObject *module, PyObject *arg)
  * poll() and a reused pid can never pass for the owner. */
 
 typedef struct {
-    PyObject_HEAD
-    mt_seg_header *seg; /* NULL once closed */
+    PyObject_HEAD mt_seg_header *seg; /* NULL once closed */
     size_t size;
-    int owner;          /* created it: unlink on close */
+    int owner; /* created it: unlink on close */
     char name[256];
-    mt_watch *watch;    /* one per slot; NULL until the first read */
+    mt_watch *watch; /* one per slot; NULL until the first read */
 } SegmentObject;
 
 static int
@@ -1036,8 +1034,8 @@ segment_read(SegmentObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"check", NULL};
     int full_check = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p:read", kwlist, &full_check)
-        || check_open(self) < 0) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p:read", kwlist, &full_check) ||
+        check_open(self) < 0) {
         return NULL;
     }
     mt_state *st = mt_state_from_type(Py_TYPE(self));
@@ -1071,9 +1069,8 @@ segment_read(SegmentObject *self, PyObject *args, PyObject *kwds)
         int torn = read_slot(live, c) < 0;
         const char *torn_why = NULL;
         if (torn) {
-            torn_why = owner_dead(c)
-                           ? "its writer died while writing it (values may be mixed)"
-                           : "its worker was writing it for 50 ms (values may be mixed)";
+            torn_why = owner_dead(c) ? "its writer died while writing it (values may be mixed)"
+                                     : "its worker was writing it for 50 ms (values may be mixed)";
         }
         if (c->state == SLOT_FREE) {
             continue; /* claimed this instant, not yet written */
@@ -1114,8 +1111,8 @@ segment_read(SegmentObject *self, PyObject *args, PyObject *kwds)
             items[8] = PyLong_FromUnsignedLongLong(c->heap_used);
             items[9] = PyLong_FromUnsignedLongLong(c->tasks);
             items[10] = PyFloat_FromDouble(c->updated);
-            items[11] = (c->flags & FLAG_EXIT_CODE) ? PyLong_FromLong(c->exit_code)
-                                                    : Py_NewRef(Py_None);
+            items[11] =
+                (c->flags & FLAG_EXIT_CODE) ? PyLong_FromLong(c->exit_code) : Py_NewRef(Py_None);
             items[12] = (c->flags & FLAG_EXIT_SIGNAL) ? PyLong_FromLong(c->exit_signal)
                                                       : Py_NewRef(Py_None);
             items[13] = slot_phases_dict(st, c);
@@ -1160,8 +1157,8 @@ segment_forget_dead(SegmentObject *self, PyObject *unused)
             continue;
         }
         read_slot(live, &c);
-        int dead = c.state == SLOT_KILLED || c.state > SLOT_KILLED || c.state == SLOT_FREE
-                   || owner_dead(&c);
+        int dead = c.state == SLOT_KILLED || c.state > SLOT_KILLED || c.state == SLOT_FREE ||
+                   owner_dead(&c);
         if (!dead) {
             continue;
         }
@@ -1223,12 +1220,11 @@ segment_header(SegmentObject *self, PyObject *unused)
         return NULL;
     }
     const mt_seg_header *h = self->seg;
-    return Py_BuildValue("{s:I,s:I,s:I,s:L,s:K,s:d,s:I,s:I,s:n}", "version", h->version,
-                         "capacity", h->capacity, "slot_size", h->slot_size, "creator_pid",
-                         (long long)h->creator_pid, "creator_start",
-                         (unsigned long long)h->creator_start, "created", h->created,
-                         "heartbeat_ms", h->heartbeat_ms, "slot_phases", h->slot_phases,
-                         "size", (Py_ssize_t)self->size);
+    return Py_BuildValue(
+        "{s:I,s:I,s:I,s:L,s:K,s:d,s:I,s:I,s:n}", "version", h->version, "capacity", h->capacity,
+        "slot_size", h->slot_size, "creator_pid", (long long)h->creator_pid, "creator_start",
+        (unsigned long long)h->creator_start, "created", h->created, "heartbeat_ms",
+        h->heartbeat_ms, "slot_phases", h->slot_phases, "size", (Py_ssize_t)self->size);
 }
 
 static PyObject *
@@ -1294,8 +1290,8 @@ mt_segment_creator(PyObject *module, PyObject *arg)
     if (h == NULL) {
         return NULL;
     }
-    PyObject *r = Py_BuildValue("(LK)", (long long)h->creator_pid,
-                                (unsigned long long)h->creator_start);
+    PyObject *r =
+        Py_BuildValue("(LK)", (long long)h->creator_pid, (unsigned long long)h->creator_start);
     mt_os_shm_detach(h, size);
     return r;
 }

@@ -17,6 +17,7 @@ if _core.__version__ != __version__:
         "rebuild it: pip install -e ."
     )
 
+from . import table as _table  # noqa: E402
 from ._core import (  # noqa: E402
     Footprint,
     PhaseStats,
@@ -33,7 +34,12 @@ from ._core import (  # noqa: E402
 )
 from ._phase import phase  # noqa: E402
 from ._sizes import format_size, parse_size  # noqa: E402
+from .insights import Insight, insights  # noqa: E402
+from .leaks import Growth, MemoryGrowthError, assert_no_growth, measure_growth  # noqa: E402
+from .limits import SystemMemory, cpu_limit, system_memory  # noqa: E402
 from .profile import Profile, dump, load  # noqa: E402
+from .recording import record  # noqa: E402
+from .sizing import WorkerPlan, calculate_max_workers, plan_workers  # noqa: E402
 from .table import (  # noqa: E402
     TableError,
     Totals,
@@ -46,12 +52,6 @@ from .table import (  # noqa: E402
     task_done,
     worker_slot,
 )
-from . import table as _table  # noqa: E402
-from .recording import record  # noqa: E402
-from .limits import SystemMemory, cpu_limit, system_memory  # noqa: E402
-from .sizing import WorkerPlan, calculate_max_workers, plan_workers  # noqa: E402
-from .insights import Insight, insights  # noqa: E402
-from .leaks import Growth, MemoryGrowthError, assert_no_growth, measure_growth  # noqa: E402
 
 
 def __getattr__(name: str):
@@ -106,10 +106,51 @@ if not _env_flag("MEMTRACK_DISABLE"):
     _recording._record_from_environment()
 
 __all__ = [
-    "Footprint", "Growth", "Insight", "MemoryGrowthError", "MemoryAwareExecutor", "PhaseStats", "PoolEvent", "PhaseSummary", "Profile", "ProfileError", "RecordList", "Sample",
-    "SystemMemory", "TableError", "assert_no_growth", "Totals", "WorkerPlan", "WorkerStats", "WorkerTable",
-    "calculate_max_workers", "capabilities", "cleanup_stale", "configure", "cpu_limit", "dump",
-    "explain_broken_pool", "footprint", "format_size", "init_worker", "insights", "load", "measure_growth", "parse_size",
-    "peak_rss", "phase", "plan_workers", "record", "records", "reset", "reset_peak", "rss",
-    "set_heartbeat", "snapshot", "summary", "system_memory", "task_done", "worker_slot",
+    "Footprint",
+    "Growth",
+    "Insight",
+    "MemoryGrowthError",
+    "MemoryAwareExecutor",
+    "PhaseStats",
+    "PoolEvent",
+    "PhaseSummary",
+    "Profile",
+    "ProfileError",
+    "RecordList",
+    "Sample",
+    "SystemMemory",
+    "TableError",
+    "assert_no_growth",
+    "Totals",
+    "WorkerPlan",
+    "WorkerStats",
+    "WorkerTable",
+    "calculate_max_workers",
+    "capabilities",
+    "cleanup_stale",
+    "configure",
+    "cpu_limit",
+    "dump",
+    "explain_broken_pool",
+    "footprint",
+    "format_size",
+    "init_worker",
+    "insights",
+    "load",
+    "measure_growth",
+    "parse_size",
+    "peak_rss",
+    "phase",
+    "plan_workers",
+    "record",
+    "records",
+    "reset",
+    "reset_peak",
+    "rss",
+    "set_heartbeat",
+    "snapshot",
+    "summary",
+    "system_memory",
+    "task_done",
+    "worker_slot",
 ]

@@ -6,10 +6,20 @@ import math
 import re
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2,
-    "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
 }
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z]*)\s*", re.IGNORECASE)
 
@@ -21,7 +31,9 @@ def parse_size(value: int | str, *, what: str = "size") -> int:
     (1200000000, 536870912, 4096)
     """
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(f"{what} must be an int or a str such as '512 MiB', not {type(value).__name__}")
+        raise TypeError(
+            f"{what} must be an int or a str such as '512 MiB', not {type(value).__name__}"
+        )
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"{what} must not be negative: {value}")

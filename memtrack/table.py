@@ -34,17 +34,19 @@ def _prefix() -> str:
 class Totals:
     """The pool at one moment: what the live workers hold together."""
 
-    live: int       #: workers alive (idle or running)
-    rss: int        #: sum of their rss (shared pages counted once per worker)
-    pss: int        #: sum of their pss (shared pages counted once in all)
-    uss: int        #: sum of their private memory
-    peak_rss: int   #: the largest peak_rss of any worker, dead ones included
-    dead: int       #: workers that exited or were killed
+    live: int  #: workers alive (idle or running)
+    rss: int  #: sum of their rss (shared pages counted once per worker)
+    pss: int  #: sum of their pss (shared pages counted once in all)
+    uss: int  #: sum of their private memory
+    peak_rss: int  #: the largest peak_rss of any worker, dead ones included
+    dead: int  #: workers that exited or were killed
 
     def __str__(self) -> str:
-        return (f"{self.live} live ({self.dead} dead): rss {format_size(self.rss)}, "
-                f"pss {format_size(self.pss)}, uss {format_size(self.uss)}, "
-                f"largest worker peak {format_size(self.peak_rss)}")
+        return (
+            f"{self.live} live ({self.dead} dead): rss {format_size(self.rss)}, "
+            f"pss {format_size(self.pss)}, uss {format_size(self.uss)}, "
+            f"largest worker peak {format_size(self.peak_rss)}"
+        )
 
 
 class WorkerTable:
@@ -57,14 +59,18 @@ class WorkerTable:
     Use :meth:`attach` to read a table another process created.
     """
 
-    def __init__(self, capacity: int = 64, name: str | None = None, *,
-                 heartbeat: float = DEFAULT_HEARTBEAT) -> None:
+    def __init__(
+        self, capacity: int = 64, name: str | None = None, *, heartbeat: float = DEFAULT_HEARTBEAT
+    ) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int):
             raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
         if not 1 <= capacity <= 4096:
             raise ValueError(f"capacity must be between 1 and 4096 workers, not {capacity}")
-        if (isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float))
-                or not (heartbeat == 0 or 0.001 <= heartbeat <= 3600)):
+        if (
+            isinstance(heartbeat, bool)
+            or not isinstance(heartbeat, (int, float))
+            or not (heartbeat == 0 or 0.001 <= heartbeat <= 3600)
+        ):
             raise ValueError(f"heartbeat must be 0 (off) or 0.001..3600 seconds, not {heartbeat!r}")
         cleanup_stale()
         name = f"/{_prefix()}{secrets.token_hex(12)}" if name is None else _normalise(name)
@@ -113,9 +119,14 @@ class WorkerTable:
         """Live workers and their summed rss / pss / uss, and the largest worker peak."""
         ws = [w for w in self.workers() if w.state != "corrupt"]
         live = [w for w in ws if w.state in ("idle", "running")]
-        return Totals(live=len(live), rss=sum(w.rss for w in live), pss=sum(w.pss for w in live),
-                      uss=sum(w.uss for w in live), peak_rss=max((w.peak_rss for w in ws), default=0),
-                      dead=len(ws) - len(live))
+        return Totals(
+            live=len(live),
+            rss=sum(w.rss for w in live),
+            pss=sum(w.pss for w in live),
+            uss=sum(w.uss for w in live),
+            peak_rss=max((w.peak_rss for w in ws), default=0),
+            dead=len(ws) - len(live),
+        )
 
     def forget_dead(self) -> int:
         """Free the slots of dead workers; returns how many."""
@@ -246,8 +257,11 @@ def _joined(index: int, name: str) -> None:
         return
     if not _warned_full:
         _warned_full = True
-        warnings.warn(f"memtrack: worker table {name} is full; pid {os.getpid()} runs untracked",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"memtrack: worker table {name} is full; pid {os.getpid()} runs untracked",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def init_worker(name: str, heartbeat: float | None = None) -> int:
@@ -319,21 +333,27 @@ def _join_from_environment(*, in_forkserver: bool | None = None) -> None:
     try:
         init_worker(name)
     except (OSError, TableError, ValueError) as e:
-        warnings.warn(f"memtrack: cannot join {ENV_TABLE}={name}: {e}; running untracked",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"memtrack: cannot join {ENV_TABLE}={name}: {e}; running untracked",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def _register_process_hooks() -> None:
     import multiprocessing.util as mp_util
 
     os.register_at_fork(after_in_child=_after_fork_in_child)
-    mp_util.register_after_fork(_after_bootstrap, lambda _obj: (
-        _install_exit_hooks() if _core.worker_info() is not None else None))
+    mp_util.register_after_fork(
+        _after_bootstrap,
+        lambda _obj: _install_exit_hooks() if _core.worker_info() is not None else None,
+    )
     atexit.register(_core.leave)
 
 
 # --------------------------------------------------------------------------------------
 # Forensics
+
 
 def _describe_end(w: WorkerStats) -> str:
     if w.exit_signal is not None:
@@ -358,9 +378,11 @@ def explain_broken_pool(table: WorkerTable) -> str:
             continue
         if w.state == "killed" or (w.state == "exited" and w.exit_code not in (None, 0)):
             where = f"in phase {w.phase}" if w.phase else "between phases"
-            lines.append(f"worker {w.pid} died {where} at {format_size(w.rss)} "
-                         f"(peak {format_size(w.peak_rss)}), {_describe_end(w)}; "
-                         f"{w.tasks} tasks done")
+            lines.append(
+                f"worker {w.pid} died {where} at {format_size(w.rss)} "
+                f"(peak {format_size(w.peak_rss)}), {_describe_end(w)}; "
+                f"{w.tasks} tasks done"
+            )
     if not lines:
         return "no worker of this table died"
     return "\n".join(lines)

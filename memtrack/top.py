@@ -22,8 +22,11 @@ def render_frame(table: WorkerTable, *, width: int = 100, now: float | None = No
     """One frame of the view as text: the worker rows, then the totals."""
     workers = sorted(table.workers(), key=lambda w: (w.state not in ("running", "idle"), w.slot))
     header = f"{'pid':>8} {'state':<8} {'rss':>10} {'peak':>10} {'pss':>10} {'tasks':>6}  phase"
-    lines = [f"memtrack top  {table.name}  ({len(workers)} workers, capacity {table.capacity})",
-             "", header]
+    lines = [
+        f"memtrack top  {table.name}  ({len(workers)} workers, capacity {table.capacity})",
+        "",
+        header,
+    ]
     phase_width = max(width - len(header) + len("phase"), 10)
     for w in workers:
         if w.state == "corrupt":
@@ -33,12 +36,14 @@ def render_frame(table: WorkerTable, *, width: int = 100, now: float | None = No
         if w.phase_truncated:
             phase += "..."
         if len(phase) > phase_width:
-            phase = "..." + phase[-(phase_width - 3):]
+            phase = "..." + phase[-(phase_width - 3) :]
         state = w.state
         if w.exit_signal is not None:
             state = f"sig{w.exit_signal}"
-        lines.append(f"{w.pid:>8} {state:<8} {format_size(w.rss):>10} {format_size(w.peak_rss):>10} "
-                     f"{format_size(w.pss) if w.pss else '-':>10} {w.tasks:>6}  {phase}")
+        lines.append(
+            f"{w.pid:>8} {state:<8} {format_size(w.rss):>10} {format_size(w.peak_rss):>10} "
+            f"{format_size(w.pss) if w.pss else '-':>10} {w.tasks:>6}  {phase}"
+        )
     t = table.totals()
     lines += ["", f"pool: {t}"]
     return "\n".join(lines)
@@ -49,8 +54,10 @@ def _find_table(name: str | None) -> str:
         return name
     tables = live_tables()
     if not tables:
-        raise ValueError("no live worker table of this user; pass its NAME "
-                         "(the WorkerTable.name, also in MEMTRACK_TABLE of its workers)")
+        raise ValueError(
+            "no live worker table of this user; pass its NAME "
+            "(the WorkerTable.name, also in MEMTRACK_TABLE of its workers)"
+        )
     if len(tables) > 1:
         raise ValueError("several live worker tables; pass one NAME: " + ", ".join(tables))
     return tables[0]

@@ -17,12 +17,19 @@ def touch(nbytes: int) -> bytearray:
     return buf
 
 
-def run_python(code: str, *, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_python(
+    code: str, *, env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """Run code in a fresh interpreter; fail the test with its output if it fails."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MEMTRACK_")}
     full_env.update(env or {})
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=full_env, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         pytest.fail(f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -31,5 +38,6 @@ def run_python(code: str, *, env: dict | None = None, timeout: float = 120) -> s
 @pytest.fixture(autouse=True)
 def _fresh_records():
     import memtrack
+
     memtrack.reset()
     yield

@@ -11,20 +11,29 @@ import pytest
 
 import memtrack
 
-HOLD = ("import memtrack, time\nwith memtrack.phase('index'):\n  with memtrack.phase('parse'):\n"
-        "    b = bytearray(24 << 20)\n    print(1, flush=True)\n    time.sleep(30)")
+HOLD = (
+    "import memtrack, time\nwith memtrack.phase('index'):\n  with memtrack.phase('parse'):\n"
+    "    b = bytearray(24 << 20)\n    print(1, flush=True)\n    time.sleep(30)"
+)
 
 
 def memtrack_cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "memtrack", *args], capture_output=True, text=True,
-                          timeout=60, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "memtrack", *args], capture_output=True, text=True, timeout=60, **kw
+    )
 
 
 @pytest.fixture
 def busy_table():
     with memtrack.WorkerTable(capacity=4, heartbeat=0.05) as table:
-        procs = [subprocess.Popen([sys.executable, "-c", HOLD], env={**os.environ, **table.environ()},
-                                  stdout=subprocess.PIPE) for _ in range(2)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", HOLD],
+                env={**os.environ, **table.environ()},
+                stdout=subprocess.PIPE,
+            )
+            for _ in range(2)
+        ]
         for p in procs:
             p.stdout.readline()
         yield table, procs
@@ -36,8 +45,16 @@ def busy_table():
 def test_info_prints_readings_and_capabilities():
     out = memtrack_cli()
     assert out.returncode == 0
-    for word in ("rss", "peak_rss", "uss", "pss", "heap_used", "major_faults", "peak method",
-                 "kernel (exact"):
+    for word in (
+        "rss",
+        "peak_rss",
+        "uss",
+        "pss",
+        "heap_used",
+        "major_faults",
+        "peak method",
+        "kernel (exact",
+    ):
         assert word in out.stdout
     info = memtrack_cli("info")
     assert info.returncode == 0 and "peak method" in info.stdout
@@ -64,14 +81,29 @@ def test_top_finds_the_single_live_table():
     # In a private /dev/shm (a mount namespace), so that other tables on this machine
     # (a parallel test run, a user's pool) cannot make the choice ambiguous.
     import shutil
+
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare for a private /dev/shm")
-    script = (f"import memtrack, subprocess, sys\nt = memtrack.WorkerTable(2)\n"
-              f"out = subprocess.run([sys.executable, '-m', 'memtrack', 'top', '--once'], "
-              f"capture_output=True, text=True)\nprint(t.name in out.stdout, out.returncode)")
-    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                          f"mount -t tmpfs tmpfs /dev/shm && {sys.executable} -c \"$0\"", script],
-                         capture_output=True, text=True, timeout=60)
+    script = (
+        "import memtrack, subprocess, sys\nt = memtrack.WorkerTable(2)\n"
+        "out = subprocess.run([sys.executable, '-m', 'memtrack', 'top', '--once'], "
+        "capture_output=True, text=True)\nprint(t.name in out.stdout, out.returncode)"
+    )
+    out = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f'mount -t tmpfs tmpfs /dev/shm && {sys.executable} -c "$0"',
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if "mount" in out.stderr and out.returncode != 0:
         pytest.skip(f"cannot mount a private /dev/shm here: {out.stderr.strip()}")
     assert out.stdout.split() == ["True", "0"], out.stderr
@@ -93,8 +125,10 @@ def test_top_refreshes_live_on_a_terminal(busy_table):
     table, _ = busy_table
     pid, fd = pty.fork()
     if pid == 0:
-        os.execv(sys.executable, [sys.executable, "-m", "memtrack", "top", table.name,
-                                  "--interval", "0.2"])
+        os.execv(
+            sys.executable,
+            [sys.executable, "-m", "memtrack", "top", table.name, "--interval", "0.2"],
+        )
     chunks = []
     deadline = time.monotonic() + 2.0
     try:

@@ -1,10 +1,10 @@
 """Every C entry point, called 100 000 times, leaves memory flat."""
 
 import pytest
+from conftest import MB
 
 import memtrack
 from memtrack import _core
-from conftest import MB
 
 N = 100_000
 

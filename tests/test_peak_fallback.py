@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import run_python
 
 # A process that is not dumpable and not root cannot open its own /proc/self/clear_refs
@@ -16,10 +15,18 @@ from conftest import run_python
 def _modules_memtrack_imports():
     """The stdlib modules `import memtrack` loads: the child imports them while it is
     still root, because nobody cannot read this interpreter's library."""
-    out = subprocess.run([sys.executable, "-c", "import sys; before = set(sys.modules); import memtrack; "
-                          "print(' '.join(sorted(m for m in set(sys.modules) - before "
-                          "if not m.startswith('memtrack'))))"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; before = set(sys.modules); import memtrack; "
+            "print(' '.join(sorted(m for m in set(sys.modules) - before "
+            "if not m.startswith('memtrack'))))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.split()
 
 
@@ -66,7 +73,8 @@ def test_memtrack_peak_sampler_forces_the_fallback():
 
 
 def test_sampler_survives_fork():
-    out = run_python("""
+    out = run_python(
+        """
         import memtrack, os, time
         r, w = os.pipe()
         pid = os.fork()
@@ -82,5 +90,7 @@ def test_sampler_survives_fork():
         os.close(w)
         print(os.read(r, 100).decode())
         os.waitpid(pid, 0)
-        """, env={"MEMTRACK_PEAK": "sampler"})
+        """,
+        env={"MEMTRACK_PEAK": "sampler"},
+    )
     assert int(out.stdout) >= 47_000_000

@@ -4,9 +4,9 @@ import threading
 import time
 
 import pytest
+from conftest import MB, run_python, touch
 
 import memtrack
-from conftest import MB, run_python, touch
 
 
 @pytest.mark.parametrize("mib", [16, 64, 256])
@@ -247,7 +247,8 @@ def test_path_table_overflow_goes_to_overflow_path():
                 pass
         s = memtrack.summary()
         c = memtrack._core.counters()
-        print(s["(overflow)"].count >= 10, c["overflowed"] >= 10, len(s) <= memtrack._core.MAX_PATHS)
+        print(s["(overflow)"].count >= 10, c["overflowed"] >= 10,
+              len(s) <= memtrack._core.MAX_PATHS)
         """
     )
     assert out.stdout.split() == ["True", "True", "True"]
@@ -255,6 +256,7 @@ def test_path_table_overflow_goes_to_overflow_path():
 
 def test_forked_child_starts_with_its_own_records():
     import os
+
     with memtrack.phase("before-fork"):
         pass
     r, w = os.pipe()
@@ -273,6 +275,7 @@ def test_forked_child_starts_with_its_own_records():
 
 def test_phases_open_across_fork_are_the_parents_not_the_childs():
     import os
+
     with memtrack.phase("main"):
         r, w = os.pipe()
         pid = os.fork()

@@ -5,9 +5,9 @@ import resource
 
 import psutil
 import pytest
+from conftest import MB, run_python, touch
 
 import memtrack
-from conftest import MB, run_python, touch
 
 
 def test_rss_matches_the_kernel_and_psutil():

@@ -6,10 +6,9 @@ import subprocess
 import sys
 import time
 
-import pytest
+from conftest import MB
 
 import memtrack
-from conftest import MB
 
 LEAK = """
 import memtrack, time
@@ -23,9 +22,24 @@ for i in range(6):
 
 def run(tmp_path, *command, timeout=120):
     out = tmp_path / "run.mtp"
-    proc = subprocess.run([sys.executable, "-m", "memtrack", "run", "-o", str(out), "--interval",
-                           "0.02", "--", *command], capture_output=True, text=True, timeout=timeout,
-                          cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memtrack",
+            "run",
+            "-o",
+            str(out),
+            "--interval",
+            "0.02",
+            "--",
+            *command,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,
+    )
     return proc, out
 
 
@@ -42,7 +56,10 @@ def test_a_leaking_memtrack_aware_child_is_measured_and_flagged(tmp_path):
 
 
 def test_programs_that_never_import_memtrack_are_measured(tmp_path):
-    code = "b = bytearray(80 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nimport time; time.sleep(0.5)"
+    code = (
+        "b = bytearray(80 << 20)\n"
+        "for i in range(0, len(b), 4096): b[i] = 1\nimport time; time.sleep(0.5)"
+    )
     proc, out = run(tmp_path, "sh", "-c", f"{sys.executable} -c '{code}'")
     assert proc.returncode == 0, proc.stderr
     p = memtrack.load(out)
@@ -57,15 +74,19 @@ def test_the_exit_code_of_a_failing_command_is_kept(tmp_path):
 
 
 def test_a_killed_command_reports_its_signal(tmp_path):
-    proc, out = run(tmp_path, sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    proc, out = run(
+        tmp_path, sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    )
     assert proc.returncode == 128 + signal.SIGKILL
     assert memtrack.load(out).header["kind"] == "recording"
 
 
 def test_a_killed_worker_is_a_death_event(tmp_path):
-    code = ("import memtrack, os, signal, time\nwith memtrack.phase('doomed'):\n"
-            "    b = bytearray(20 << 20); time.sleep(0.2); os.kill(os.getpid(), signal.SIGKILL)")
-    proc, out = run(tmp_path, "sh", "-c", f"{sys.executable} -c \"{code}\"; exit 0")
+    code = (
+        "import memtrack, os, signal, time\nwith memtrack.phase('doomed'):\n"
+        "    b = bytearray(20 << 20); time.sleep(0.2); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    proc, out = run(tmp_path, "sh", "-c", f'{sys.executable} -c "{code}"; exit 0')
     assert proc.returncode == 0
     p = memtrack.load(out)
     deaths = [e for e in p.events if e["kind"] == "death"]
@@ -87,9 +108,13 @@ def test_no_command_is_a_usage_error(tmp_path):
 def test_ctrl_c_stops_the_command_and_still_writes_the_profile(tmp_path):
     out = tmp_path / "int.mtp"
     # own session: the SIGINT goes to memtrack and the command, as a terminal's would
-    proc = subprocess.Popen([sys.executable, "-m", "memtrack", "run", "-o", str(out), "--", "sleep", "30"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memtrack", "run", "-o", str(out), "--", "sleep", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=30)
@@ -103,6 +128,7 @@ def test_compileall_over_a_real_tree(tmp_path):
     # A real program nobody here wrote: the standard library's byte-compiler, -j 0.
     src = tmp_path / "src"
     import shutil
+
     shutil.copytree(os.path.dirname(__import__("json").__file__), src / "json")
     shutil.copytree(os.path.dirname(__import__("email").__file__), src / "email")
     proc, out = run(tmp_path, sys.executable, "-m", "compileall", "-q", "-j", "0", str(src))

@@ -12,11 +12,11 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
+import pool_tasks
 import pytest
+from conftest import MB
 
 import memtrack
-import pool_tasks
-from conftest import MB
 
 METHODS = ["fork", "spawn", "forkserver"]
 HERE = os.path.dirname(__file__)
@@ -30,8 +30,9 @@ def shm_path(table):
 def test_process_pool_workers_report_phases(method):
     with memtrack.WorkerTable(capacity=8) as table:
         ctx = mp.get_context(method)
-        with ProcessPoolExecutor(2, mp_context=ctx, initializer=memtrack.init_worker,
-                                 initargs=(table.name,)) as ex:
+        with ProcessPoolExecutor(
+            2, mp_context=ctx, initializer=memtrack.init_worker, initargs=(table.name,)
+        ) as ex:
             pids = set(ex.map(pool_tasks.analyze, [24, 48, 24, 48]))
         workers = {w.pid: w for w in table.workers()}
     assert pids <= set(workers)
@@ -76,8 +77,13 @@ def test_multiprocessing_pool_joins_through_the_environment(method):
 def test_plain_subprocess_joins_through_the_environment():
     with memtrack.WorkerTable(capacity=4) as table:
         code = "import memtrack; print(memtrack.worker_slot()[1]); memtrack.task_done()"
-        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **table.environ()},
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, **table.environ()},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         (w,) = table.workers()
     assert int(out.stdout) == w.slot
     assert (w.tasks, w.state) == (1, "exited")
@@ -99,8 +105,13 @@ def test_a_forked_child_of_a_worker_claims_its_own_slot():
                 pass
             print(pid, os.waitstatus_to_exitcode(status))
         """)
-        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "T": table.name},
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "T": table.name},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         child_pid, code = map(int, out.stdout.split())
         by_pid = {w.pid: w for w in table.workers()}
     assert code == 0
@@ -113,9 +124,12 @@ def test_a_forked_child_of_a_worker_claims_its_own_slot():
 def test_worker_killed_mid_phase_leaves_its_forensics():
     with memtrack.WorkerTable(capacity=4, heartbeat=0.05) as table:
         with pytest.raises(BrokenProcessPool):
-            with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"),
-                                     initializer=memtrack.init_worker,
-                                     initargs=(table.name,)) as ex:
+            with ProcessPoolExecutor(
+                1,
+                mp_context=mp.get_context("spawn"),
+                initializer=memtrack.init_worker,
+                initargs=(table.name,),
+            ) as ex:
                 ex.submit(pool_tasks.die_in_parse, 64).result()
         text = memtrack.explain_broken_pool(table)
         (w,) = table.workers(check=True)
@@ -130,9 +144,15 @@ def test_killed_child_of_ours_reports_its_signal():
     # When the reader is the dead worker's parent and it is not reaped yet, the signal
     # is read without reaping it (waitid WNOWAIT), so the owner can still wait for it.
     with memtrack.WorkerTable(capacity=4) as table:
-        code = "import memtrack, time; memtrack.phase('stuck').__enter__(); print(1, flush=True); time.sleep(60)"
-        p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **table.environ()},
-                             stdout=subprocess.PIPE)
+        code = (
+            "import memtrack, time; memtrack.phase('stuck').__enter__(); "
+            "print(1, flush=True); time.sleep(60)"
+        )
+        p = subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={**os.environ, **table.environ()},
+            stdout=subprocess.PIPE,
+        )
         p.stdout.readline()
         p.send_signal(signal.SIGKILL)
         time.sleep(0.2)
@@ -146,8 +166,11 @@ def test_killed_child_of_ours_reports_its_signal():
 def test_pid_reuse_does_not_revive_a_dead_worker():
     with memtrack.WorkerTable(capacity=4) as table:
         code = "import memtrack, time; print(1, flush=True); time.sleep(60)"
-        p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **table.environ()},
-                             stdout=subprocess.PIPE)
+        p = subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={**os.environ, **table.environ()},
+            stdout=subprocess.PIPE,
+        )
         p.stdout.readline()
         dead_pid = p.pid
         assert [w.state for w in table.workers()] == ["idle"]
@@ -175,7 +198,10 @@ def test_pid_reuse_does_not_revive_a_dead_worker():
 
 
 def test_stale_segment_of_a_killed_parent_is_removed():
-    code = "import memtrack, time; t = memtrack.WorkerTable(2); print(t.name, flush=True); time.sleep(60)"
+    code = (
+        "import memtrack, time; t = memtrack.WorkerTable(2); "
+        "print(t.name, flush=True); time.sleep(60)"
+    )
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     name = p.stdout.readline().strip()
     assert os.path.exists("/dev/shm" + name)
@@ -188,8 +214,12 @@ def test_stale_segment_of_a_killed_parent_is_removed():
 
 
 def test_creating_a_table_cleans_stale_ones_and_close_removes_it():
-    code = "import memtrack, os; t = memtrack.WorkerTable(2); print(t.name, flush=True); os._exit(0)"
-    stale = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
+    code = (
+        "import memtrack, os; t = memtrack.WorkerTable(2); print(t.name, flush=True); os._exit(0)"
+    )
+    stale = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True
+    ).stdout.strip()
     assert os.path.exists("/dev/shm" + stale)
     table = memtrack.WorkerTable(2)
     assert not os.path.exists("/dev/shm" + stale)
@@ -210,14 +240,20 @@ def test_segment_is_private_and_unguessable():
 
 def test_interpreter_exit_removes_the_table():
     code = "import memtrack; t = memtrack.WorkerTable(2); print(t.name)"
-    name = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
+    name = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True
+    ).stdout.strip()
     assert name and not os.path.exists("/dev/shm" + name)
 
 
 def test_heartbeat_shows_growth_inside_a_long_phase():
     with memtrack.WorkerTable(capacity=2, heartbeat=0.05) as table:
-        with ProcessPoolExecutor(1, mp_context=mp.get_context("fork"),
-                                 initializer=memtrack.init_worker, initargs=(table.name,)) as ex:
+        with ProcessPoolExecutor(
+            1,
+            mp_context=mp.get_context("fork"),
+            initializer=memtrack.init_worker,
+            initargs=(table.name,),
+        ) as ex:
             fut = ex.submit(pool_tasks.grow_slowly, 8)
             seen = []
             while not fut.done():
@@ -232,18 +268,37 @@ def test_heartbeat_shows_growth_inside_a_long_phase():
 def test_full_table_lets_workers_run_untracked_and_reuses_dead_slots():
     with memtrack.WorkerTable(capacity=1) as table:
         env = {**os.environ, **table.environ()}
-        hold = "import memtrack, sys, time; print(memtrack.worker_slot(), flush=True); time.sleep(30)"
-        first = subprocess.Popen([sys.executable, "-c", hold], env=env, stdout=subprocess.PIPE, text=True)
+        hold = (
+            "import memtrack, sys, time; print(memtrack.worker_slot(), flush=True); time.sleep(30)"
+        )
+        first = subprocess.Popen(
+            [sys.executable, "-c", hold], env=env, stdout=subprocess.PIPE, text=True
+        )
         assert first.stdout.readline().strip() != "None"
-        second = subprocess.run([sys.executable, "-W", "always", "-c",
-                                 "import memtrack; print(memtrack.worker_slot())"],
-                                env=env, capture_output=True, text=True, check=True)
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-W",
+                "always",
+                "-c",
+                "import memtrack; print(memtrack.worker_slot())",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert second.stdout.strip() == "None"  # ran, untracked
         assert "is full" in second.stderr and "runs untracked" in second.stderr
         first.kill()
         first.wait()
-        third = subprocess.run([sys.executable, "-c", "import memtrack; print(memtrack.worker_slot()[1])"],
-                               env=env, capture_output=True, text=True, check=True)
+        third = subprocess.run(
+            [sys.executable, "-c", "import memtrack; print(memtrack.worker_slot()[1])"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert third.stdout.strip() == "0"  # the dead worker's slot, reused
         assert [w.state for w in table.workers()] == ["exited"]
         assert table.forget_dead() == 1
@@ -254,8 +309,12 @@ def test_pool_larger_than_the_table_still_completes():
     with memtrack.WorkerTable(capacity=1) as table:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with ProcessPoolExecutor(3, mp_context=mp.get_context("fork"),
-                                     initializer=memtrack.init_worker, initargs=(table.name,)) as ex:
+            with ProcessPoolExecutor(
+                3,
+                mp_context=mp.get_context("fork"),
+                initializer=memtrack.init_worker,
+                initargs=(table.name,),
+            ) as ex:
                 results = list(ex.map(pool_tasks.analyze, [4] * 6))
         assert len(results) == 6
         assert len(table.workers()) == 1
@@ -263,8 +322,11 @@ def test_pool_larger_than_the_table_still_completes():
 
 def test_forget_dead_frees_killed_slots():
     with memtrack.WorkerTable(capacity=2) as table:
-        p = subprocess.Popen([sys.executable, "-c", "import memtrack, time; print(1, flush=True); time.sleep(30)"],
-                             env={**os.environ, **table.environ()}, stdout=subprocess.PIPE)
+        p = subprocess.Popen(
+            [sys.executable, "-c", "import memtrack, time; print(1, flush=True); time.sleep(30)"],
+            env={**os.environ, **table.environ()},
+            stdout=subprocess.PIPE,
+        )
         p.stdout.readline()
         p.kill()
         p.wait()
@@ -291,8 +353,12 @@ def test_wrong_magic_version_or_size_is_a_clear_error(tmp_path):
             with pytest.raises(memtrack.TableError, match=words):
                 memtrack.init_worker(name)
         # Joining through the environment warns and runs untracked instead of failing.
-        out = subprocess.run([sys.executable, "-c", "import memtrack; print(memtrack.worker_slot())"],
-                             env={**os.environ, "MEMTRACK_TABLE": name}, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", "import memtrack; print(memtrack.worker_slot())"],
+            env={**os.environ, "MEMTRACK_TABLE": name},
+            capture_output=True,
+            text=True,
+        )
         assert out.returncode == 0 and out.stdout.strip() == "None"
         assert "cannot join" in out.stderr
     finally:
@@ -316,10 +382,14 @@ def test_wrong_magic_version_or_size_is_a_clear_error(tmp_path):
 
 def test_random_bytes_in_slots_never_crash_the_reader():
     import mmap
+
     rng = random.Random(7)
     with memtrack.WorkerTable(capacity=4) as table:
-        subprocess.run([sys.executable, "-c", "import memtrack\nwith memtrack.phase('a'): pass"],
-                       env={**os.environ, **table.environ()}, check=True)
+        subprocess.run(
+            [sys.executable, "-c", "import memtrack\nwith memtrack.phase('a'): pass"],
+            env={**os.environ, **table.environ()},
+            check=True,
+        )
         with open(shm_path(table), "r+b") as f:
             m = mmap.mmap(f.fileno(), 0)
             try:
@@ -327,7 +397,7 @@ def test_random_bytes_in_slots_never_crash_the_reader():
                 for i in range(2000):
                     start = 256 + rng.randrange(4) * 8192
                     if i % 3 == 0:  # whole slot of noise
-                        m[start:start + 8192] = rng.randbytes(8192)
+                        m[start : start + 8192] = rng.randbytes(8192)
                     else:  # a few bytes anywhere in the slots
                         for _ in range(8):
                             m[256 + rng.randrange(4 * 8192)] = rng.getrandbits(8)
@@ -357,8 +427,11 @@ def test_reader_never_sees_a_torn_slot():
                     with memtrack.phase("b"):
                         pass
         """)
-        p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **table.environ()},
-                             stdout=subprocess.PIPE)
+        p = subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={**os.environ, **table.environ()},
+            stdout=subprocess.PIPE,
+        )
         p.stdout.readline()
         try:
             reads = 0
@@ -380,10 +453,15 @@ def test_reader_never_sees_a_torn_slot():
 def test_totals_count_live_workers_and_the_largest_peak():
     with memtrack.WorkerTable(capacity=4, heartbeat=0.02) as table:
         env = {**os.environ, **table.environ()}
-        code = ("import memtrack, time\nb = bytearray(40 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\n"
-                "print(1, flush=True)\ntime.sleep(30)")
-        procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE)
-                 for _ in range(2)]
+        code = (
+            "import memtrack, time\nb = bytearray(40 << 20)\n"
+            "for i in range(0, len(b), 4096): b[i] = 1\n"
+            "print(1, flush=True)\ntime.sleep(30)"
+        )
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE)
+            for _ in range(2)
+        ]
         for p in procs:
             p.stdout.readline()
         time.sleep(0.3)  # a few heartbeats: uss/pss published

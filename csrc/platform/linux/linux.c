@@ -241,8 +241,7 @@ mt_os_reset_hwm(mt_oserr *e)
 {
     ssize_t n;
     if (os.clear_refs < 0) {
-        return mt_fail(e, "open", PROC_CLEAR_REFS,
-                       os.clear_refs_err ? os.clear_refs_err : EBADF);
+        return mt_fail(e, "open", PROC_CLEAR_REFS, os.clear_refs_err ? os.clear_refs_err : EBADF);
     }
     do {
         n = pwrite(os.clear_refs, "5", 1, 0);
@@ -273,8 +272,8 @@ mt_os_sample(mt_sample *s, mt_oserr *e)
     if (read_proc(os.status, PROC_STATUS, buf, sizeof buf, e) < 0) {
         return -1;
     }
-    if (!find_kb(buf, "VmRSS", &s->rss) || !find_kb(buf, "VmHWM", &s->peak_rss)
-        || !find_kb(buf, "VmSize", &s->vms)) {
+    if (!find_kb(buf, "VmRSS", &s->rss) || !find_kb(buf, "VmHWM", &s->peak_rss) ||
+        !find_kb(buf, "VmSize", &s->vms)) {
         return mt_fail(e, "pread", PROC_STATUS, EPROTO);
     }
     /* Present since Linux 4.5 / 2.6.34; absent fields read as 0. */
