@@ -614,16 +614,24 @@ attach_checked(PyObject *module, const char *name, size_t *size)
     return addr;
 }
 
+/* The UTF-8 of a table name argument, or NULL with TypeError set. */
+static const char *
+name_arg(PyObject *arg)
+{
+    if (!PyUnicode_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "table name must be a str, not %.100s",
+                     Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    return PyUnicode_AsUTF8(arg);
+}
+
 /* join(name) -> slot index, or -1 when the table is full (run untracked). */
 PyObject *
 mt_worker_join(PyObject *module, PyObject *arg)
 {
-    const char *name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
+    const char *name = name_arg(arg);
     if (name == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_Format(PyExc_TypeError, "table name must be a str, not %.100s",
-                         Py_TYPE(arg)->tp_name);
-        }
         return NULL;
     }
     if (name[0] != '/' || strlen(name) >= sizeof wk.name || strchr(name + 1, '/') != NULL) {
@@ -1278,11 +1286,8 @@ PyType_Spec mt_segment_spec = {
 PyObject *
 mt_segment_creator(PyObject *module, PyObject *arg)
 {
-    const char *name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
+    const char *name = name_arg(arg);
     if (name == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "name must be a str");
-        }
         return NULL;
     }
     size_t size;
@@ -1313,11 +1318,8 @@ mt_proc_identity(PyObject *module, PyObject *arg)
 PyObject *
 mt_unlink_segment(PyObject *module, PyObject *arg)
 {
-    const char *name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
+    const char *name = name_arg(arg);
     if (name == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "name must be a str");
-        }
         return NULL;
     }
     mt_oserr e;

@@ -4,17 +4,10 @@ import sys
 import textwrap
 
 import pytest
+from pool_tasks import touch  # noqa: F401  (one copy, importable by spawned workers too)
 
 MB = 1024 * 1024
 PAGE = os.sysconf("SC_PAGESIZE")
-
-
-def touch(nbytes: int) -> bytearray:
-    """Allocate and write every page, so the memory is really resident."""
-    buf = bytearray(nbytes)
-    for i in range(0, nbytes, PAGE):
-        buf[i] = 1
-    return buf
 
 
 def run_python(

@@ -4,20 +4,14 @@ import os
 import signal
 import time
 
+from pool_tasks import touch
+
 import memtrack
 
 MB = 1024 * 1024
 
 #: What a leaking worker keeps: it grows by one buffer per call and is never freed.
 _kept = []
-
-
-def touch(nbytes):
-    """Allocate and write every page, so the memory is really resident."""
-    buf = bytearray(nbytes)
-    for i in range(0, nbytes, 4096):
-        buf[i] = 1
-    return buf
 
 
 def square(x):

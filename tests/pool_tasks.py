@@ -10,6 +10,7 @@ MB = 1024 * 1024
 
 
 def touch(nbytes):
+    """Allocate and write every page, so the memory is really resident."""
     buf = bytearray(nbytes)
     for i in range(0, nbytes, 4096):
         buf[i] = 1

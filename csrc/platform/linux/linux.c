@@ -126,12 +126,18 @@ mt_os_missing(void)
     return missing;
 }
 
+static double
+clock_seconds(clockid_t clock)
+{
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
 double
 mt_os_monotonic(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    return clock_seconds(CLOCK_MONOTONIC);
 }
 
 long
@@ -452,9 +458,7 @@ mt_os_random(void *buf, size_t n, mt_oserr *e)
 double
 mt_os_wall_time(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    return clock_seconds(CLOCK_REALTIME);
 }
 
 /* Process identity: the start time (clock ticks since boot, field 22 of
