@@ -177,6 +177,8 @@ typedef struct {
     int fd; /* -1: none */
     int64_t pid;
     uint64_t start_time;
+    int polled; /* alive was set by one poll() over all watches */
+    int alive;
 } mt_watch;
 
 /* What the recorder needs of a slot. */
@@ -285,6 +287,8 @@ int mt_os_children(long pid, long *out, size_t *n, size_t max);
 int mt_os_write_all(int fd, const char *buf, size_t len, mt_oserr *e);
 int mt_os_pidfd_open(long pid);
 int mt_os_pidfd_alive(int fd);
+/* Ask every watch with a pidfd at once; sets polled and alive. */
+void mt_os_pidfds_poll(mt_watch *watches, size_t n);
 void mt_os_close(int fd);
 
 #endif /* MEMTRACK_H */

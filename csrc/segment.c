@@ -342,11 +342,14 @@ claim_locked(mt_seg_header *h, uint32_t *index)
             mt_slot *s = SLOT_AT(h, i);
             read_slot(s, &copy);
             int64_t owner = atomic_load(&s->owner);
-            if (owner == 0 || owner == pid) {
+            if (owner == 0 || (owner == pid && copy.state != SLOT_EXITED)) {
                 continue;
             }
             int dead = copy.state == SLOT_EXITED || copy.state == SLOT_KILLED ||
                        copy.state > SLOT_KILLED || owner_dead(&copy);
+            if (owner == pid) {
+                copy.updated = -1; /* our own slot, left earlier: take it back first */
+            }
             if (dead && (best_owner == 0 || copy.updated < best_updated)) {
                 best_owner = owner;
                 best = i;
@@ -792,7 +795,8 @@ mt_worker_set_heartbeat(PyObject *module, PyObject *arg)
 typedef struct {
     PyObject_HEAD mt_seg_header *seg; /* NULL once closed */
     size_t size;
-    int owner; /* created it: unlink on close */
+    int owner;      /* created it: unlink on close */
+    long owner_pid; /* the creating process: a forked copy never unlinks */
     char name[256];
     mt_watch *watch; /* one per slot; NULL until the first read */
 } SegmentObject;
@@ -854,6 +858,7 @@ segment_init(SegmentObject *self, PyObject *args, PyObject *kwds)
     self->seg = h;
     self->size = size;
     self->owner = 1;
+    self->owner_pid = mt_os_pid();
     return 0;
 }
 
@@ -875,7 +880,9 @@ segment_close_impl(SegmentObject *self)
      * mapping (attach maps separately), so unmapping ours is safe. */
     mt_os_shm_detach(self->seg, self->size);
     self->seg = NULL;
-    if (self->owner) {
+    /* A forked child holds a copy of its parent's table (and its exit hooks):
+     * removing the segment is the creating process's job alone. */
+    if (self->owner && self->owner_pid == mt_os_pid()) {
         mt_os_shm_unlink(self->name, &e);
     }
 }
@@ -969,7 +976,7 @@ static int
 owner_alive(mt_watch *w, const mt_slot *c)
 {
     if (w != NULL && w->fd >= 0 && w->pid == c->pid && w->start_time == c->start_time) {
-        return mt_os_pidfd_alive(w->fd);
+        return w->polled ? w->alive : mt_os_pidfd_alive(w->fd);
     }
     if (owner_dead(c)) {
         return 0;
@@ -1036,6 +1043,101 @@ settle_liveness(mt_slot *live, mt_slot *c, mt_watch *w)
     c->exit_signal = sig;
 }
 
+/* Prepare a pass over the slots: the watch array, and every watched owner
+ * asked at once (one poll() for all pidfds instead of one per worker). */
+static int
+scan_begin(SegmentObject *self, int full_check)
+{
+    uint32_t capacity = self->seg->capacity;
+    if (self->watch == NULL) {
+        self->watch = PyMem_Calloc(capacity, sizeof *self->watch);
+        if (self->watch == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (uint32_t i = 0; i < capacity; i++) {
+            self->watch[i].fd = -1;
+        }
+    }
+    if (full_check) { /* forget the pidfds: ask /proc afresh */
+        for (uint32_t i = 0; i < capacity; i++) {
+            mt_os_close(self->watch[i].fd);
+            self->watch[i].fd = -1;
+        }
+    }
+    mt_os_pidfds_poll(self->watch, capacity);
+    return 0;
+}
+
+/* From *i on, the next claimed slot: copied into c, validated (*invalid says
+ * why not) and its owner's liveness settled. 0 at the end of the table. */
+static int
+scan_next(SegmentObject *self, uint32_t *i, mt_slot *c, int full_check, const char **invalid,
+          const char **torn_why)
+{
+    (void)full_check;
+    for (; *i < self->seg->capacity; (*i)++) {
+        mt_slot *live = SLOT_AT(self->seg, *i);
+        if (atomic_load_explicit(&live->owner, memory_order_acquire) == 0) {
+            continue;
+        }
+        int torn = read_slot(live, c) < 0;
+        *torn_why = NULL;
+        if (torn) {
+            *torn_why = owner_dead(c) ? "its writer died while writing it (values may be mixed)"
+                                      : "its worker was writing it for 50 ms (values may be mixed)";
+        }
+        if (c->state == SLOT_FREE) {
+            continue; /* claimed this instant, not yet written */
+        }
+        *invalid = validate_slot(c);
+        if (*invalid == NULL) {
+            settle_liveness(live, c, &self->watch[*i]);
+        }
+        return 1;
+    }
+    for (uint32_t j = 0; j < self->seg->capacity; j++) {
+        self->watch[j].polled = 0;
+    }
+    return 0;
+}
+
+/* totals() -> (live, rss, pss, uss, peak_rss, dead), without building objects. */
+static PyObject *
+segment_totals(SegmentObject *self, PyObject *unused)
+{
+    if (check_open(self) < 0) {
+        return NULL;
+    }
+    mt_slot *c = PyMem_Malloc(sizeof *c);
+    if (c == NULL) {
+        return PyErr_NoMemory();
+    }
+    if (scan_begin(self, 0) < 0) {
+        PyMem_Free(c);
+        return NULL;
+    }
+    unsigned long long live = 0, dead = 0, rss = 0, pss = 0, uss = 0, peak = 0;
+    const char *invalid, *torn_why;
+    for (uint32_t i = 0; scan_next(self, &i, c, 0, &invalid, &torn_why); i++) {
+        if (invalid != NULL) {
+            continue;
+        }
+        if (c->state == SLOT_IDLE || c->state == SLOT_RUNNING) {
+            live++;
+            rss += c->rss;
+            pss += c->pss;
+            uss += c->uss;
+        }
+        else {
+            dead++;
+        }
+        peak = c->peak_rss > peak ? c->peak_rss : peak;
+    }
+    PyMem_Free(c);
+    return Py_BuildValue("(KKKKKK)", live, rss, pss, uss, peak, dead);
+}
+
 /* read(check=False) -> list of WorkerStats, one per claimed slot. */
 static PyObject *
 segment_read(SegmentObject *self, PyObject *args, PyObject *kwds)
@@ -1057,40 +1159,13 @@ segment_read(SegmentObject *self, PyObject *args, PyObject *kwds)
         Py_XDECREF(list);
         return PyErr_NoMemory();
     }
-    uint32_t capacity = self->seg->capacity;
-    if (self->watch == NULL) {
-        self->watch = PyMem_Calloc(capacity, sizeof *self->watch);
-        if (self->watch == NULL) {
-            PyMem_Free(c);
-            Py_DECREF(list);
-            return PyErr_NoMemory();
-        }
-        for (uint32_t i = 0; i < capacity; i++) {
-            self->watch[i].fd = -1;
-        }
+    const char *invalid, *torn_why;
+    if (scan_begin(self, full_check) < 0) {
+        PyMem_Free(c);
+        Py_DECREF(list);
+        return NULL;
     }
-    for (uint32_t i = 0; i < capacity; i++) {
-        mt_slot *live = SLOT_AT(self->seg, i);
-        if (atomic_load_explicit(&live->owner, memory_order_acquire) == 0) {
-            continue;
-        }
-        int torn = read_slot(live, c) < 0;
-        const char *torn_why = NULL;
-        if (torn) {
-            torn_why = owner_dead(c) ? "its writer died while writing it (values may be mixed)"
-                                     : "its worker was writing it for 50 ms (values may be mixed)";
-        }
-        if (c->state == SLOT_FREE) {
-            continue; /* claimed this instant, not yet written */
-        }
-        const char *invalid = validate_slot(c);
-        if (invalid == NULL) {
-            if (full_check) { /* forget the pidfd: ask /proc afresh */
-                mt_os_close(self->watch[i].fd);
-                self->watch[i].fd = -1;
-            }
-            settle_liveness(live, c, &self->watch[i]);
-        }
+    for (uint32_t i = 0; scan_next(self, &i, c, full_check, &invalid, &torn_why); i++) {
         PyObject *w = PyStructSequence_New(st->WorkerStats);
         if (w == NULL) {
             goto fail;
@@ -1251,6 +1326,8 @@ static PyMethodDef segment_methods[] = {
     {"read", (PyCFunction)(void (*)(void))segment_read, METH_VARARGS | METH_KEYWORDS,
      "read(check=False) -> list of WorkerStats."},
     {"forget_dead", (PyCFunction)segment_forget_dead, METH_NOARGS, "Free the dead slots."},
+    {"totals", (PyCFunction)segment_totals, METH_NOARGS,
+     "totals() -> (live, rss, pss, uss, peak_rss, dead)."},
     {"record_exit", (PyCFunction)segment_record_exit, METH_VARARGS,
      "record_exit(pid, exitcode) -> bool."},
     {"header", (PyCFunction)segment_header, METH_NOARGS, "The header fields."},

@@ -117,16 +117,8 @@ class WorkerTable:
 
     def totals(self) -> Totals:
         """Live workers and their summed rss / pss / uss, and the largest worker peak."""
-        ws = [w for w in self.workers() if w.state != "corrupt"]
-        live = [w for w in ws if w.state in ("idle", "running")]
-        return Totals(
-            live=len(live),
-            rss=sum(w.rss for w in live),
-            pss=sum(w.pss for w in live),
-            uss=sum(w.uss for w in live),
-            peak_rss=max((w.peak_rss for w in ws), default=0),
-            dead=len(ws) - len(live),
-        )
+        live, rss, pss, uss, peak_rss, dead = self._segment.totals()
+        return Totals(live=live, rss=rss, pss=pss, uss=uss, peak_rss=peak_rss, dead=dead)
 
     def forget_dead(self) -> int:
         """Free the slots of dead workers; returns how many."""
@@ -163,7 +155,7 @@ def _latest_open_table() -> WorkerTable | None:
     """The table this process created most recently and has not closed, if any."""
     for ref in reversed(_open_tables):
         table = ref()
-        if table is not None and not table.closed:
+        if table is not None and not table.closed and os.path.exists(SHM_DIR + table.name):
             return table
     return None
 

@@ -238,6 +238,18 @@ def test_segment_is_private_and_unguessable():
         assert h["creator_pid"] == os.getpid()
 
 
+def test_a_forked_child_leaving_normally_keeps_the_parents_table():
+    with memtrack.WorkerTable(2) as table:
+        pid = os.fork()
+        if pid == 0:
+            table.close()  # as its inherited exit hooks would
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert os.path.exists(shm_path(table))
+        assert memtrack.WorkerTable.attach(table.name).capacity == 2
+    assert not os.path.exists(shm_path(table))
+
+
 def test_interpreter_exit_removes_the_table():
     code = "import memtrack; t = memtrack.WorkerTable(2); print(t.name)"
     name = subprocess.run(

@@ -574,6 +574,29 @@ mt_os_pidfd_alive(int fd)
 }
 
 void
+mt_os_pidfds_poll(mt_watch *w, size_t n)
+{
+    struct pollfd small[256], *p = n <= 256 ? small : malloc(n * sizeof *p);
+    if (p == NULL) {
+        return; /* each owner is then asked on its own */
+    }
+    for (size_t i = 0; i < n; i++) {
+        p[i] = (struct pollfd){.fd = w[i].fd, .events = POLLIN}; /* -1: ignored */
+    }
+    int r;
+    do {
+        r = poll(p, n, 0);
+    } while (r < 0 && errno == EINTR);
+    for (size_t i = 0; r >= 0 && i < n; i++) {
+        w[i].polled = w[i].fd >= 0;
+        w[i].alive = (p[i].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL)) == 0;
+    }
+    if (p != small) {
+        free(p);
+    }
+}
+
+void
 mt_os_close(int fd)
 {
     if (fd >= 0) {
