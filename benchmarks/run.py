@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Run every memtrack benchmark and write benchmarks/RESULTS.md in one go.
+
+    python benchmarks/run.py            # core + worker table, ~2 minutes
+    python benchmarks/run.py --quick    # ~30 s: fewer, shorter batches, no perf
+    python benchmarks/run.py --only table --output /tmp/RESULTS.md
+
+RESULTS.md gets the machine once, then one section per script: the core (bench_core.py,
+issue 2) and the worker table (bench_table.py, issue 3). Both use the measuring method in
+benchmarks/_timing.py. Nothing here asserts anything about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_core  # noqa: E402
+import bench_table  # noqa: E402
+from _timing import HERE, say, warn_if_busy, write_results  # noqa: E402
+
+SCRIPTS = {"core": bench_core, "table": bench_table}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer, shorter batches, no perf")
+    ap.add_argument("--output", type=Path, default=HERE / "RESULTS.md",
+                    help="the report to write (default: benchmarks/RESULTS.md)")
+    ap.add_argument("--only", choices=sorted(SCRIPTS), action="append",
+                    help="run only this part (repeatable); the file's other sections are kept")
+    bench_core.add_arguments(ap)   # --no-syscalls, --no-perf (both parts)
+    bench_table.add_arguments(ap)  # --pairs, --stride, --max-workers, --no-perf-table
+    args = ap.parse_args(argv)
+    if sys.platform != "linux":
+        print("the benchmarks measure the Linux implementation; run them on Linux.",
+              file=sys.stderr)
+        return 2
+
+    command = "python benchmarks/run.py" + (" --quick" if args.quick else "")
+    if args.only:
+        command += "".join(f" --only {k}" for k in args.only)
+    warn_if_busy()
+    t0 = time.perf_counter()
+    sections = []
+    for key, script in SCRIPTS.items():
+        if args.only and key not in args.only:
+            continue
+        say(f"== {key} ({Path(script.__file__).name})")
+        sections.append(script.run(args, command))
+    elapsed = time.perf_counter() - t0
+    write_results(args.output, sections, command, elapsed)
+    for section in sections:
+        print()
+        bench_core.print_section(section)
+    print(f"\nwrote {args.output} in {elapsed:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
