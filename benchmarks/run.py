@@ -6,7 +6,7 @@
     python benchmarks/run.py --only table --output /tmp/RESULTS.md
 
 RESULTS.md gets the machine once, then one section per script: the core (bench_core.py,
-issue 2) and the worker table (bench_table.py, issue 3). Both use the measuring method in
+issue 2), the worker table (bench_table.py, issue 3) and recording (bench_record.py, issue 6). Both use the measuring method in
 benchmarks/_timing.py. Nothing here asserts anything about speed.
 """
 
@@ -20,10 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_core  # noqa: E402
+import bench_record  # noqa: E402
 import bench_table  # noqa: E402
 from _timing import HERE, say, warn_if_busy, write_results  # noqa: E402
 
-SCRIPTS = {"core": bench_core, "table": bench_table}
+SCRIPTS = {"core": bench_core, "table": bench_table, "record": bench_record}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="run only this part (repeatable); the file's other sections are kept")
     bench_core.add_arguments(ap)   # --no-syscalls, --no-perf (both parts)
     bench_table.add_arguments(ap)  # --pairs, --stride, --max-workers, --no-perf-table
+    bench_record.add_arguments(ap)  # --record-pairs
     args = ap.parse_args(argv)
     if sys.platform != "linux":
         print("the benchmarks measure the Linux implementation; run them on Linux.",
