@@ -383,14 +383,23 @@ class _Dispatcher:
             with self.lock:
                 if not self.pending:
                     return
+            one_only = False
             if self._memory_high():
-                return
+                stalled = time.monotonic() - self.paused_since >= STALL_WARNING_AFTER
+                if any(w.state == "busy" for w in self.workers) or not stalled:
+                    return
+                # Paused that long with nothing running: waiting has not lowered the
+                # memory (idle workers hold it), so go on one task at a time rather
+                # than stall for ever (and hang shutdown and interpreter exit).
+                one_only = True
             with self.lock:
                 if not self.pending:
                     return
                 task = self.pending.popleft()
             if task.future.set_running_or_notify_cancel():
                 self._start(worker, task)
+            if one_only:
+                return
 
     def _start(self, worker: _Worker, task: _Task) -> None:
         worker.task = task
@@ -461,10 +470,10 @@ class _Dispatcher:
         if time.monotonic() - self.paused_since >= STALL_WARNING_AFTER:
             self.stall_warned = True
             warnings.warn(
-                f"memtrack: the pool has been paused for {STALL_WARNING_AFTER:.0f} s with no "
-                f"task running: its memory {format_size(used)} stays above "
-                f"{format_size(self.threshold)} while every worker is idle; lower "
-                "max_workers or raise pause_at", RuntimeWarning, stacklevel=2)
+                f"memtrack: the pool has been paused for {STALL_WARNING_AFTER:.0f} s: its memory "
+                f"{format_size(used)} stays above {format_size(self.threshold)} even with its "
+                "workers idle, so it runs one task at a time; lower max_workers or raise "
+                "pause_at", RuntimeWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ results
 

@@ -64,27 +64,31 @@ def run_command(command: list[str], output: str, *, interval: float | None = Non
     if not command:
         raise ValueError("no command to run: memtrack run [-o FILE] -- CMD ARGS...")
     interval = default_interval() if interval is None else interval
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= 4096:
+        raise ValueError(f"--capacity must be between 1 and 4096, not {capacity!r}")
     with WorkerTable(capacity=capacity) as table:
         env = {**os.environ, **table.environ()}
         env.pop("MEMTRACK_PROFILE", None)
+        # Everything that can fail on bad options fails before the command starts.
+        rec = record(output, interval, table=table, command=command)
         try:
             child = subprocess.Popen(command, env=env)
-        except FileNotFoundError:
-            print(f"memtrack run: command not found: {command[0]}", file=sys.stderr)
-            return 127
-        except PermissionError:
-            print(f"memtrack run: cannot execute: {command[0]}", file=sys.stderr)
-            return 126
-        started = time.monotonic()
-        rec = record(output, interval, table=table, root_pid=child.pid, command=command)
-        rec.start()
+        except (FileNotFoundError, PermissionError) as e:
+            found = isinstance(e, FileNotFoundError)
+            print(f"memtrack run: {'command not found' if found else 'cannot execute'}: "
+                  f"{command[0]}", file=sys.stderr)
+            return 127 if found else 126
+        interrupted = False
         done = threading.Event()
         status = None
-        if not quiet and sys.stderr.isatty():
-            status = threading.Thread(target=_show_status, args=(rec, started, done), daemon=True)
-            status.start()
-        interrupted = False
         try:
+            rec.root_pid = child.pid
+            rec.start()
+            started = time.monotonic()
+            if not quiet and sys.stderr.isatty():
+                status = threading.Thread(target=_show_status, args=(rec, started, done),
+                                          daemon=True)
+                status.start()
             while True:
                 try:
                     returncode = child.wait()
@@ -98,6 +102,9 @@ def run_command(command: list[str], output: str, *, interval: float | None = Non
                     except subprocess.TimeoutExpired:
                         child.send_signal(signal.SIGKILL)
         finally:
+            if child.poll() is None:  # an error (or a second Ctrl-C) got us here
+                child.kill()
+                child.wait()
             done.set()
             if status is not None:
                 status.join()
@@ -110,12 +117,9 @@ def run_command(command: list[str], output: str, *, interval: float | None = Non
 def _print_summary(output: str, interrupted: bool) -> None:
     from .profile import load
 
-    profile = load(output)
-    try:
-        from .report import render
-        text = render(profile, "text")
-    except ImportError:
-        text = f"{len(profile.samples)} samples"
+    from .report import render
+
+    text = render(load(output, partial=True), "text")
     if interrupted:
         print("memtrack run: interrupted; the profile holds the run up to here", file=sys.stderr)
     print(text)

@@ -434,3 +434,17 @@ def test_events_are_small_frozen_records():
     assert str(event) == "pause: pool memory high"
     assert str(PoolEvent("death", 1.0, 42, "killed", {})) == "death worker 42: killed"
     assert memtrack.executor.MemoryAwareExecutor is MemoryAwareExecutor
+
+
+def test_a_pool_paused_with_idle_workers_goes_on_one_task_at_a_time(monkeypatch):
+    # Memory that stays high with every worker idle cannot fall by waiting: after the stall
+    # window the pool runs one task at a time, so shutdown() and exit never hang.
+    import memtrack.executor as executor_module
+
+    monkeypatch.setattr(executor_module, "STALL_WARNING_AFTER", 0.3)
+    ex = memtrack.MemoryAwareExecutor(2, memory_probe=lambda: 10**12, limit="1 GB")
+    with pytest.warns(RuntimeWarning, match="one task at a time"):
+        futures = [ex.submit(pow, 2, i) for i in range(4)]
+        ex.shutdown(wait=True)
+    assert [f.result() for f in futures] == [1, 2, 4, 8]
+    assert [e.kind for e in ex.events][0] == "pause"
