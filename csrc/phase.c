@@ -91,6 +91,7 @@ static struct {
     mt_record *ring;
     size_t ring_cap, ring_head, ring_count;
     uint64_t dropped;
+    uint64_t completed; /* phases ever recorded: reset() never clears it */
 } ph;
 
 /* This thread's innermost open phase. Only its own thread touches it. */
@@ -297,6 +298,7 @@ record_locked(const mt_record *r)
         p->max_peak_delta = delta;
     }
     p->total_rss_delta += (int64_t)r->rss_end - (int64_t)r->rss_start;
+    ph.completed++;
 
     if (ph.ring == NULL && ph.ring_cap != 0) {
         ph.ring = malloc(ph.ring_cap * sizeof *ph.ring);
@@ -975,10 +977,11 @@ mt_phase_counters(PyObject *module, PyObject *unused)
 {
     mtx_lock(&mt_phase_lock);
     unsigned long long paths = ph.npaths - 2, open = ph.nopen, overflowed = ph.overflowed,
-                       dropped = ph.dropped, records = ph.ring_count;
+                       dropped = ph.dropped, records = ph.ring_count, completed = ph.completed;
     mtx_unlock(&mt_phase_lock);
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K}", "paths", paths, "open", open, "overflowed",
-                         overflowed, "dropped", dropped, "records", records);
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "paths", paths, "open", open, "overflowed",
+                         overflowed, "dropped", dropped, "records", records, "completed",
+                         completed);
 }
 
 /* The records and the summary as msgpack maps (docs/format.md), packed

@@ -30,7 +30,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._sizes import format_size
+from ._sizes import format_size, parse_size
+from ._trend import kendall_tau, theil_sen
+from .profile import summarise_by_path
+from .sizing import _check_count, _check_headroom
 
 __all__ = ["Insight", "Run", "SEVERITIES", "digest", "insights"]
 
@@ -536,14 +539,13 @@ def _phase_rows(records, profile) -> list[PhaseRow]:
                     s.total_rss_delta)
     else:
         # Phase records without a summary: aggregate them, one process per pid.
-        by_path: dict[str, dict[int, list[Any]]] = {}
+        by_pid: dict[int, list[Any]] = {}
         for p in getattr(profile, "phases", None) or ():
-            by_path.setdefault(p.path, {}).setdefault(p.pid, []).append(p)
-        for path, per_pid in by_path.items():
-            for runs in per_pid.values():
-                add(path, len(runs), sum(r.duration for r in runs),
-                    max(r.peak_rss for r in runs), max(r.peak_delta for r in runs),
-                    sum(r.rss_delta for r in runs))
+            by_pid.setdefault(p.pid, []).append(p)
+        for runs in by_pid.values():
+            for path, s in summarise_by_path(runs).items():
+                add(path, s.count, s.total_time, s.max_peak_rss, s.max_peak_delta,
+                    s.total_rss_delta)
     return sorted(rows.values(), key=lambda r: r.path)
 
 
@@ -677,28 +679,6 @@ def _thin(values: Sequence[Any], limit: int) -> list[Any]:
         return list(values)
     step = (len(values) - 1) / (limit - 1)
     return [values[round(i * step)] for i in range(limit)]
-
-
-def theil_sen(ys: Sequence[float]) -> float:
-    """The median of the slopes between every pair of points (x = 0, 1, 2, ...).
-
-    Robust: up to ~29% of the points can be wild without moving it, unlike a least-squares
-    fit or first-vs-last.
-    """
-    slopes = [(ys[j] - ys[i]) / (j - i) for i in range(len(ys)) for j in range(i + 1, len(ys))]
-    return statistics.median(slopes) if slopes else 0.0
-
-
-def kendall_tau(ys: Sequence[float]) -> float:
-    """(increasing pairs - decreasing pairs) / all pairs: 1 when it always grows."""
-    n = len(ys)
-    if n < 2:
-        return 0.0
-    score = 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            score += (ys[j] > ys[i]) - (ys[j] < ys[i])
-    return score / (n * (n - 1) / 2)
 
 
 # --------------------------------------------------------------------------- insights
@@ -1050,6 +1030,12 @@ def insights(
     ``headroom`` override the host the worker-count plan is made for; by default it is the
     recording host, from the header's ``limits`` and ``cpu_limit``.
     """
+    # Bad options are the caller's to fix: say so, rather than drop the worker-count insight.
+    if available is not None:
+        available = parse_size(available, what="available")
+    if cpus is not None:
+        _check_count("cpus", cpus, 1)
+    _check_headroom(headroom)
     profile = _load(profile)
     return _find(digest(profile), profile, available=available, cpus=cpus, headroom=headroom)
 

@@ -20,14 +20,13 @@ tolerance, and the message says how much each call keeps.
 from __future__ import annotations
 
 import gc
-import math
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from . import _core
 from ._sizes import format_size, parse_size
+from ._trend import mann_kendall_z, theil_sen
 
 #: Mann–Kendall z above which growth counts as a trend (one-sided p < 0.01).
 TREND_Z = 2.33
@@ -69,42 +68,6 @@ class MemoryGrowthError(AssertionError):
         self.growth = growth
 
 
-def theil_sen_slope(values: Sequence[float]) -> float:
-    """The median of the slopes between every pair of points ``(i, values[i])``."""
-    n = len(values)
-    if n < 2:
-        return 0.0
-    slopes = [(values[j] - values[i]) / (j - i) for i in range(n) for j in range(i + 1, n)]
-    return float(statistics.median(slopes))
-
-
-def mann_kendall_z(values: Sequence[float]) -> float:
-    """The Mann–Kendall trend statistic as a z score, with the correction for ties.
-
-    RSS moves in whole pages, so equal samples are common: without the correction a flat
-    series with a few steps would look more significant than it is.
-    """
-    n = len(values)
-    s = 0
-    for i in range(n):
-        vi = values[i]
-        for j in range(i + 1, n):
-            d = values[j] - vi
-            s += (d > 0) - (d < 0)
-    ties = [t for t in _group_sizes(values) if t > 1]
-    variance = (n * (n - 1) * (2 * n + 5) - sum(t * (t - 1) * (2 * t + 5) for t in ties)) / 18
-    if variance <= 0 or s == 0:
-        return 0.0
-    return (s - 1 if s > 0 else s + 1) / math.sqrt(variance)
-
-
-def _group_sizes(values: Sequence[float]) -> list[int]:
-    counts: dict[float, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    return list(counts.values())
-
-
 def _retained() -> int:
     """RSS once garbage is collected and free malloc heap is returned to the OS."""
     gc.collect()
@@ -140,8 +103,8 @@ def measure_growth(fn: Callable[..., Any], iterations: int = 50, warmup: int = 5
         iterations=iterations,
         warmup=warmup,
         samples=tuple(samples),
-        per_call=theil_sen_slope(samples),
-        late_per_call=theil_sen_slope(late),
+        per_call=theil_sen(samples),
+        late_per_call=theil_sen(late),
         trend_z=mann_kendall_z(samples),
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -42,6 +43,24 @@ class Profile:
     #: Pool totals over time (recordings): {time, live, rss, pss, peak_rss}. Last, so
     #: positional construction of the fields above is unchanged.
     pools: list[dict[str, Any]] = field(default_factory=list)
+
+
+def summarise(records: list[PhaseStats]) -> PhaseSummary:
+    """The PhaseSummary of some PhaseStats of one path (the aggregate summary() keeps)."""
+    if not records:
+        raise ValueError("no phase records to summarise")
+    total_rss_delta = sum(r.rss_delta for r in records)
+    return PhaseSummary((len(records), sum(r.duration for r in records),
+                         max(r.peak_rss for r in records), max(r.peak_delta for r in records),
+                         total_rss_delta, total_rss_delta / len(records)))
+
+
+def summarise_by_path(records: list[PhaseStats]) -> dict[str, PhaseSummary]:
+    """{path: PhaseSummary} of the given records."""
+    grouped: dict[str, list[PhaseStats]] = {}
+    for r in records:
+        grouped.setdefault(r.path, []).append(r)
+    return {path: summarise(rs) for path, rs in grouped.items()}
 
 
 def _header(kind: str) -> dict[str, Any]:
@@ -93,6 +112,8 @@ def _check(record: dict[str, Any], fields: dict[str, type], where: str) -> None:
         ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
         if not ok or isinstance(value, bool):
             raise ProfileError(f"{where}: field {key!r} should be {kind.__name__}, found {value!r}")
+        if kind is float and not math.isfinite(value):
+            raise ProfileError(f"{where}: field {key!r} should be a finite number, found {value!r}")
 
 
 def _phase_stats(r: dict[str, Any], where: str) -> PhaseStats:

@@ -43,6 +43,7 @@ from . import _core
 from ._sizes import format_size, parse_size
 from .leaks import Growth
 from .leaks import assert_no_growth as _assert_no_growth
+from .profile import summarise_by_path
 from .table import ENV_TABLE, WorkerTable
 
 #: The phase the plugin holds open, in its own thread, around a measured test body.
@@ -364,32 +365,15 @@ class _Watch:
             self.sample()
 
 
-def _phases_since(seen_before: int) -> dict[str, Any]:
-    """{path: PhaseSummary} of the phases completed since `seen_before` records. When the
-    test called ``memtrack.reset()`` every record left is the test's."""
-    counters = _core.counters()
-    new = counters["records"] + counters["dropped"] - seen_before
-    if new == 0:
+def _phases_since(completed_before: int) -> dict[str, Any]:
+    """{path: PhaseSummary} of the phases completed since the count `completed_before`
+    (``counters()["completed"]``, which ``memtrack.reset()`` does not clear: after a reset
+    in the test, every record left in the ring is the test's)."""
+    new = _core.counters()["completed"] - completed_before
+    if new <= 0:
         return {}  # no phase ran: skip copying the ring
     records, _dropped = _core.records()
-    if new > 0:
-        records = records[-new:]
-    grouped: dict[str, list[Any]] = {}
-    for r in records:
-        grouped.setdefault(r.path, []).append(r)
-    return {path: _summarise(rs) for path, rs in grouped.items()}
-
-
-def _summarise(records: list[Any]) -> Any:
-    total_rss_delta = sum(r.rss_delta for r in records)
-    return _core.PhaseSummary((
-        len(records),
-        sum(r.duration for r in records),
-        max(r.peak_rss for r in records),
-        max(r.peak_delta for r in records),
-        total_rss_delta,
-        total_rss_delta / len(records),
-    ))
+    return summarise_by_path(records[-new:])
 
 
 def _median_of(runs: list[Measurement]) -> Measurement:
@@ -463,8 +447,7 @@ class _TestState:
     def measuring(self) -> Iterator[None]:
         """Measure one run of the test body; the measurement is appended to ``runs``."""
         self.pool_peak_seen = None
-        seen = _core.counters()
-        seen_before = seen["records"] + seen["dropped"]
+        completed_before = _core.counters()["completed"]
         started = time.monotonic()
         before = _retained_rss()
         watch = _Watch(self.table, self.saw_pool)
@@ -478,13 +461,14 @@ class _TestState:
             workers = []
             if self.table is not None:
                 workers = [w for w in self.table.workers()
-                           if w.joined >= started or w.state in ("idle", "running")]
+                           if w.state == "corrupt" or (w.joined or 0) >= started
+                           or w.state in ("idle", "running")]
             stats = watch.stats
             self.runs.append(Measurement(
                 peak=stats.peak_delta if stats is not None else 0,
                 retained=after - before,
                 peak_rss=stats.peak_rss if stats is not None else after,
-                phases=_phases_since(seen_before),
+                phases=_phases_since(completed_before),
                 workers=workers,
                 pool_peak=self.pool_peak_seen,
             ))

@@ -16,7 +16,7 @@ import warnings
 from typing import Any
 
 from . import _core
-from .profile import _header
+from .profile import _header, summarise_by_path
 from .table import WorkerTable, _latest_open_table
 
 ENV_PROFILE = "MEMTRACK_PROFILE"
@@ -156,8 +156,10 @@ class record:
                 tail = []
                 if self.table is not None and not self.table.closed:
                     tail += [_worker_record(w) for w in self.table.workers(check=True)]
-                tail += [_phase_record(s) for s in _core.records()[0] if s.start >= self._started]
-                for path, s in sorted(_core.summary().items()):
+                # Only the phases of the recording's own span, and their summary.
+                own = [s for s in _core.records()[0] if s.start >= self._started]
+                tail += [_phase_record(s) for s in own]
+                for path, s in sorted(summarise_by_path(own).items()):
                     tail.append({"t": "summary", "path": path, "count": s.count,
                                  "total_time": s.total_time, "max_peak_rss": s.max_peak_rss,
                                  "max_peak_delta": s.max_peak_delta,

@@ -116,7 +116,6 @@ def run_command(command: list[str], output: str, *, interval: float | None = Non
 
 def _print_summary(output: str, interrupted: bool) -> None:
     from .profile import load
-
     from .report import render
 
     text = render(load(output, partial=True), "text")

@@ -393,3 +393,15 @@ def test_descendants_found_by_memtrack_run_are_the_pool():
     assert run.pool_source == "worker samples" and run.peak.pss == 3 * 850 * MiB
     found = only(insights(profile, available="2 GiB", cpus=8), "worker_count")
     assert found.evidence["workers_used"] == 3 and found.evidence["recommended"] == 2
+
+
+@pytest.mark.parametrize("kwargs, exc", [({"available": "lots"}, ValueError),
+                                         ({"cpus": 0}, ValueError),
+                                         ({"headroom": 2}, ValueError),
+                                         ({"cpus": "2"}, TypeError)])
+def test_bad_options_are_errors_not_silence(kwargs, exc):
+    from memtrack.insights import insights
+    from memtrack.profile import Profile
+
+    with pytest.raises(exc):
+        insights(Profile(header={"t": "header", "magic": "memtrack", "format": 1}), **kwargs)

@@ -6,13 +6,13 @@ import random
 
 import pytest
 
+from memtrack._trend import mann_kendall_z
+from memtrack._trend import theil_sen as theil_sen_slope
 from memtrack.leaks import (
     Growth,
     MemoryGrowthError,
     assert_no_growth,
-    mann_kendall_z,
     measure_growth,
-    theil_sen_slope,
 )
 
 KB = 1000

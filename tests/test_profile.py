@@ -139,3 +139,12 @@ def test_load_of_a_directory_or_missing_file_is_an_oserror(tmp_path):
         memtrack.load(tmp_path / "missing")
     with pytest.raises(IsADirectoryError):
         memtrack.load(tmp_path)
+
+
+def test_non_finite_numbers_are_refused():
+    header = _core.pack({"t": "header", "magic": "memtrack", "format": 1})
+    phase = {"t": "phase", "name": "x", "path": "x", "pid": 1, "thread_id": 1,
+             "start": float("inf"), "duration": 0.5, "rss_start": 1, "rss_end": 1,
+             "peak_rss": 1, "heap_delta": 0, "error": None}
+    with pytest.raises(memtrack.ProfileError, match="record 1: field 'start' should be a finite"):
+        memtrack.profile.parse(header + _core.pack(phase) + _core.pack({"t": "end"}))

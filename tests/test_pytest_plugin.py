@@ -672,3 +672,32 @@ def test_xdist_workers_measure_and_the_controller_merges(pytester, run):
     mib = 1024 * 1024
     assert {k: round(v["peak"] / mib) for k, v in tests.items()} == {
         f"test_spread.py::test_size[{n}]": n for n in (10, 20, 30, 40)}
+
+
+def test_phases_are_still_the_tests_after_it_calls_memtrack_reset(pytester, run):
+    # reset() clears the record ring, so counting ring entries would lose the test's
+    # phases when as many records existed before it as it makes: the plugin counts
+    # completed phases instead, which reset() never clears.
+    pytester.makepyfile(test_reset="""
+        import pytest
+        import memtrack as mt
+
+        @pytest.fixture
+        def show_phases(memtrack):
+            yield
+            print("PHASES", sorted((p, s.count) for p, s in memtrack.phases.items()))
+
+        def test_1_earlier_phases():
+            for _ in range(3):
+                with mt.phase("earlier"):
+                    pass
+
+        def test_2_reset_then_phases(memtrack, show_phases):
+            mt.reset()
+            for _ in range(3):
+                with memtrack.phase("after"):
+                    pass
+    """)
+    result = run("-s")
+    result.assert_outcomes(passed=2)
+    assert "PHASES [('after', 3)]" in result.stdout.str()
