@@ -1102,7 +1102,8 @@ scan_next(SegmentObject *self, uint32_t *i, mt_slot *c, int full_check, const ch
     return 0;
 }
 
-/* totals() -> (live, rss, pss, uss, peak_rss, dead), without building objects. */
+/* totals() -> (live, rss, pss, uss, peak_rss, dead, memory), without building
+ * objects; memory sums each live worker's pss, or its rss before its first pss. */
 static PyObject *
 segment_totals(SegmentObject *self, PyObject *unused)
 {
@@ -1117,7 +1118,7 @@ segment_totals(SegmentObject *self, PyObject *unused)
         PyMem_Free(c);
         return NULL;
     }
-    unsigned long long live = 0, dead = 0, rss = 0, pss = 0, uss = 0, peak = 0;
+    unsigned long long live = 0, dead = 0, rss = 0, pss = 0, uss = 0, peak = 0, memory = 0;
     const char *invalid, *torn_why;
     for (uint32_t i = 0; scan_next(self, &i, c, 0, &invalid, &torn_why); i++) {
         if (invalid != NULL) {
@@ -1128,6 +1129,7 @@ segment_totals(SegmentObject *self, PyObject *unused)
             rss += c->rss;
             pss += c->pss;
             uss += c->uss;
+            memory += c->pss ? c->pss : c->rss; /* pss before the first footprint: rss */
         }
         else {
             dead++;
@@ -1135,7 +1137,7 @@ segment_totals(SegmentObject *self, PyObject *unused)
         peak = c->peak_rss > peak ? c->peak_rss : peak;
     }
     PyMem_Free(c);
-    return Py_BuildValue("(KKKKKK)", live, rss, pss, uss, peak, dead);
+    return Py_BuildValue("(KKKKKKK)", live, rss, pss, uss, peak, dead, memory);
 }
 
 /* read(check=False) -> list of WorkerStats, one per claimed slot. */
@@ -1327,7 +1329,7 @@ static PyMethodDef segment_methods[] = {
      "read(check=False) -> list of WorkerStats."},
     {"forget_dead", (PyCFunction)segment_forget_dead, METH_NOARGS, "Free the dead slots."},
     {"totals", (PyCFunction)segment_totals, METH_NOARGS,
-     "totals() -> (live, rss, pss, uss, peak_rss, dead)."},
+     "totals() -> (live, rss, pss, uss, peak_rss, dead, memory)."},
     {"record_exit", (PyCFunction)segment_record_exit, METH_VARARGS,
      "record_exit(pid, exitcode) -> bool."},
     {"header", (PyCFunction)segment_header, METH_NOARGS, "The header fields."},

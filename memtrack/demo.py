@@ -160,7 +160,8 @@ def run_demo(workers: int | None = None, source: str | None = None, out: str = "
     files = _find_sources(source)
     if not files:
         raise ValueError(f"--source {source!r} holds no .py files")
-    workers = workers or cpu_limit()
+    if workers is None:
+        workers = cpu_limit()
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, not {workers}")
     os.makedirs(out, exist_ok=True)

@@ -201,8 +201,7 @@ class _PoolMemory:
 
     def __call__(self) -> int:
         if not self.cgroup:
-            return sum(w.pss or w.rss for w in self.table.workers()
-                       if w.state in ("idle", "running"))
+            return self.table.totals().memory
         now = time.monotonic()
         if now - self._last[0] >= CGROUP_PROBE_EVERY:
             self._last = (now, system_memory().used)

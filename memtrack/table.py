@@ -40,6 +40,8 @@ class Totals:
     uss: int  #: sum of their private memory
     peak_rss: int  #: the largest peak_rss of any worker, dead ones included
     dead: int  #: workers that exited or were killed
+    #: the pool's memory: each live worker's pss, or its rss until its first pss reading
+    memory: int = 0
 
     def __str__(self) -> str:
         return (
@@ -117,8 +119,9 @@ class WorkerTable:
 
     def totals(self) -> Totals:
         """Live workers and their summed rss / pss / uss, and the largest worker peak."""
-        live, rss, pss, uss, peak_rss, dead = self._segment.totals()
-        return Totals(live=live, rss=rss, pss=pss, uss=uss, peak_rss=peak_rss, dead=dead)
+        live, rss, pss, uss, peak_rss, dead, memory = self._segment.totals()
+        return Totals(live=live, rss=rss, pss=pss, uss=uss, peak_rss=peak_rss, dead=dead,
+                      memory=memory)
 
     def forget_dead(self) -> int:
         """Free the slots of dead workers; returns how many."""
@@ -153,6 +156,7 @@ _open_tables: list[weakref.ref[WorkerTable]] = []
 
 def _latest_open_table() -> WorkerTable | None:
     """The table this process created most recently and has not closed, if any."""
+    _open_tables[:] = [r for r in _open_tables if r() is not None and not r().closed]
     for ref in reversed(_open_tables):
         table = ref()
         if table is not None and not table.closed and os.path.exists(SHM_DIR + table.name):
@@ -260,12 +264,23 @@ def init_worker(name: str, heartbeat: float | None = None) -> int:
     """Join the worker table `name`: use as ``initializer=memtrack.init_worker``.
 
     Claims a slot for this process (a free one, else the oldest dead one). When the
-    table is full the worker runs untracked, with one warning: memtrack never breaks a
-    pool. Returns the slot index, or -1 when untracked. ``heartbeat`` overrides the
+    table is full, gone or not a table, the worker runs untracked with a warning that
+    says why: memtrack never breaks a pool. Returns the slot index, or -1 when
+    untracked. ``heartbeat`` overrides the
     table's refresh interval for this worker (seconds; 0 disables).
     """
     name = _normalise(name)
-    index = _core.join(name)
+    if heartbeat is not None and (isinstance(heartbeat, bool)
+                                  or not isinstance(heartbeat, (int, float))):
+        raise TypeError(f"heartbeat must be a number of seconds, not {type(heartbeat).__name__}")
+    try:
+        index = _core.join(name)
+    except (OSError, TableError) as e:
+        # As a pool initializer, raising would break the pool: run untracked, and say why.
+        gone = " (closed by its creator?)" if isinstance(e, FileNotFoundError) else ""
+        warnings.warn(f"memtrack: cannot join worker table {name}{gone}: {e}; "
+                      f"pid {os.getpid()} runs untracked", RuntimeWarning, stacklevel=2)
+        return -1
     _joined(index, name)
     if heartbeat is not None and index >= 0:
         _core.set_heartbeat(heartbeat)

@@ -362,8 +362,10 @@ def test_wrong_magic_version_or_size_is_a_clear_error(tmp_path):
                 f.write(data)
             with pytest.raises(memtrack.TableError, match=words):
                 memtrack.WorkerTable.attach(name)
-            with pytest.raises(memtrack.TableError, match=words):
-                memtrack.init_worker(name)
+            # A worker must not break its pool over it: it warns (saying why) and runs
+            # untracked.
+            with pytest.warns(RuntimeWarning, match=f"cannot join worker table.*{words}"):
+                assert memtrack.init_worker(name) == -1
         # Joining through the environment warns and runs untracked instead of failing.
         out = subprocess.run(
             [sys.executable, "-c", "import memtrack; print(memtrack.worker_slot())"],
@@ -377,6 +379,10 @@ def test_wrong_magic_version_or_size_is_a_clear_error(tmp_path):
         os.unlink(path)
     with pytest.raises(FileNotFoundError):
         memtrack.WorkerTable.attach("/memtrack-does-not-exist")
+    with pytest.warns(RuntimeWarning, match="closed by its creator"):
+        assert memtrack.init_worker("/memtrack-does-not-exist") == -1
+    with pytest.raises(TypeError, match="heartbeat"):
+        memtrack.init_worker("/memtrack-does-not-exist", heartbeat="fast")
     with pytest.raises(ValueError, match="bad worker table name"):
         memtrack.init_worker("/a/b")
     with pytest.raises(ValueError, match="capacity"):
