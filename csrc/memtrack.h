@@ -270,6 +270,7 @@ int mt_os_sample(mt_sample *s, mt_oserr *e);
 int mt_os_footprint(mt_footprint *f, mt_oserr *e);
 void mt_os_sleep(double seconds);
 double mt_os_wall_time(void);
+uint64_t mt_os_pid_namespace(void);
 int mt_os_random(void *buf, size_t n, mt_oserr *e);
 /* Shared segments: create (mode 0600, must not exist), attach, detach, unlink. */
 int mt_os_shm_create(const char *name, size_t size, void **addr, mt_oserr *e);

@@ -40,7 +40,8 @@ typedef struct {
     double created;         /* unix time */
     uint32_t heartbeat_ms;  /* workers' heartbeat interval; 0: off */
     uint32_t slot_phases;   /* SLOT_PHASES */
-    uint8_t reserved[200];
+    uint64_t creator_pidns; /* the creator's pid namespace: pids mean nothing elsewhere */
+    uint8_t reserved[192];
 } mt_seg_header;
 
 typedef struct {
@@ -89,6 +90,7 @@ static_assert(sizeof(mt_seg_header) == SEG_HEADER_SIZE, "header size");
 static_assert(offsetof(mt_seg_header, capacity) == 16, "header layout");
 static_assert(offsetof(mt_seg_header, creator_pid) == 24, "header layout");
 static_assert(offsetof(mt_seg_header, heartbeat_ms) == 48, "header layout");
+static_assert(offsetof(mt_seg_header, creator_pidns) == 56, "header layout");
 static_assert(sizeof(mt_slot_phase) == 160, "phase entry size");
 static_assert(sizeof(mt_slot) == SLOT_SIZE && SLOT_SIZE == MT_SLOT_BYTES, "slot size");
 static_assert(offsetof(mt_slot, owner) == 8, "slot layout");
@@ -854,6 +856,7 @@ segment_init(SegmentObject *self, PyObject *args, PyObject *kwds)
     self_identity(&pid, &start);
     h->creator_pid = pid;
     h->creator_start = start;
+    h->creator_pidns = mt_os_pid_namespace();
     h->created = mt_os_wall_time();
     self->seg = h;
     self->size = size;
@@ -1361,7 +1364,8 @@ PyType_Spec mt_segment_spec = {
     .slots = segment_slots,
 };
 
-/* segment_creator(name) -> (pid, start_time): for cleanup_stale(). */
+/* segment_creator(name) -> (pid, start_time, same_pid_namespace): for
+ * cleanup_stale(), which can judge a creator only from its own namespace. */
 PyObject *
 mt_segment_creator(PyObject *module, PyObject *arg)
 {
@@ -1374,8 +1378,9 @@ mt_segment_creator(PyObject *module, PyObject *arg)
     if (h == NULL) {
         return NULL;
     }
-    PyObject *r =
-        Py_BuildValue("(LK)", (long long)h->creator_pid, (unsigned long long)h->creator_start);
+    int same_ns = h->creator_pidns == mt_os_pid_namespace();
+    PyObject *r = Py_BuildValue("(LKO)", (long long)h->creator_pid,
+                                (unsigned long long)h->creator_start, same_ns ? Py_True : Py_False);
     mt_os_shm_detach(h, size);
     return r;
 }

@@ -322,8 +322,9 @@ class Segment:
     @property
     def closed(self) -> bool: ...
 
-def segment_creator(name: str, /) -> tuple[int, int]:
-    """(creator pid, creator start time in clock ticks since boot) of the table `name`."""
+def segment_creator(name: str, /) -> tuple[int, int, bool]:
+    """(creator pid, creator start time in clock ticks since boot, whether it was created
+    in this process's pid namespace) of the table `name`."""
 
 def proc_identity(pid: int, /) -> tuple[Literal["alive", "zombie", "gone"], int]:
     """Whether `pid` runs, and its start time (clock ticks since boot, /proc/<pid>/stat)."""

@@ -188,9 +188,11 @@ def cleanup_stale() -> list[str]:
         try:
             if os.stat(os.path.join(SHM_DIR, entry)).st_uid != uid:
                 continue
-            pid, start = _core.segment_creator("/" + entry)
+            pid, start, same_namespace = _core.segment_creator("/" + entry)
         except (OSError, TableError):
             continue  # not ours to judge: unreadable or not a table
+        if not same_namespace:
+            continue  # its creator's pid means nothing here (a container sharing /dev/shm)
         state, actual_start = _core.proc_identity(pid)
         if state != "alive" or actual_start != start:
             try:
@@ -212,8 +214,10 @@ def live_tables() -> list[str]:
         if not entry.startswith(_prefix()):
             continue
         try:
-            pid, start = _core.segment_creator("/" + entry)
+            pid, start, same_namespace = _core.segment_creator("/" + entry)
         except (OSError, TableError):
+            continue
+        if not same_namespace:
             continue
         state, actual = _core.proc_identity(pid)
         if state == "alive" and actual == start:

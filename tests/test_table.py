@@ -494,3 +494,28 @@ def test_totals_count_live_workers_and_the_largest_peak():
     assert 0 < t.uss <= t.pss <= t.rss
     assert (after.live, after.dead) == (0, 2)
     assert after.peak_rss >= 40 * MB
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a new pid namespace")
+def test_cleanup_does_not_judge_tables_of_another_pid_namespace():
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed")
+    # A table created in a child pid namespace shares /dev/shm but not pids: its creator's
+    # pid (small, inside the namespace) must not be looked up here.
+    code = ("import memtrack, time; t = memtrack.WorkerTable(2); "
+            "print(t.name, flush=True); time.sleep(30)")
+    p = subprocess.Popen(["unshare", "--pid", "--fork", sys.executable, "-c", code],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        name = p.stdout.readline().strip()
+        if not name:
+            pytest.skip("could not create a pid namespace here")
+        assert name not in memtrack.cleanup_stale()
+        assert os.path.exists("/dev/shm" + name)
+    finally:
+        p.kill()
+        p.wait()
+        if name:
+            memtrack._core.unlink_segment(name)

@@ -455,6 +455,15 @@ mt_os_random(void *buf, size_t n, mt_oserr *e)
     return 0;
 }
 
+/* The identity of this process's pid namespace (the inode of
+ * /proc/self/ns/pid); 0 when unknown. */
+uint64_t
+mt_os_pid_namespace(void)
+{
+    struct stat st;
+    return stat("/proc/self/ns/pid", &st) == 0 ? (uint64_t)st.st_ino : 0;
+}
+
 double
 mt_os_wall_time(void)
 {
