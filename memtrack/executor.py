@@ -10,9 +10,11 @@ decides *when* and *to which worker* the next task goes:
   is ever in flight and pausing really stops new work;
 - before handing a task out, the pool's memory is compared with ``pause_at`` of the limit;
   above it nothing is handed out (queued tasks wait, running ones finish) until it falls;
-- after each task the worker collects garbage, returns free heap to the OS and reports the
-  memory it retained; a worker that retains more than ``leak_threshold`` over what it held
-  after its first task is replaced between two tasks: only that worker, and no task is lost;
+- after each task the worker reports the memory it retained (when its plain RSS is over
+  the leak bound, measured again after collecting garbage and returning free heap to the
+  OS, since only that decides); a worker that retains more than ``leak_threshold`` over
+  what it held after its first task is replaced between two tasks: only that worker, and
+  no task is lost;
 - when a worker dies, its one-process pool breaks and the executor turns that into a
   :class:`~concurrent.futures.process.BrokenProcessPool` carrying the worker table's
   forensics (pid, last phase, rss, peak, how it ended).
@@ -698,10 +700,11 @@ class MemoryAwareExecutor(Executor):
       or the cgroup's usage against its limit when a cgroup limit binds. Running tasks
       finish; queued ones wait and start, each once, when memory is back below.
       ``pause_at=None`` never pauses.
-    - **Recycle.** After each task the worker runs ``gc.collect()`` and ``malloc_trim(0)``
-      and reports its RSS. A worker retaining more than ``leak_threshold`` over its level
-      after its first task is replaced by a fresh process before it gets another task;
-      ``leak_threshold=None`` turns this (and the per-task collection) off.
+    - **Recycle.** After each task the worker reports its RSS; when that is over the leak
+      bound it runs ``gc.collect()`` and ``malloc_trim(0)`` first and measures again (they
+      can only lower it, so below the bound they would change nothing). A worker retaining
+      more than ``leak_threshold`` over its level after its first task is replaced by a
+      fresh process before it gets another task; ``leak_threshold=None`` turns this off.
     - **Deaths.** When a worker dies, its task and all queued ones fail with
       ``BrokenProcessPool`` whose message says which worker died, in which phase, at
       what rss and peak (:func:`memtrack.explain_broken_pool`); running tasks of the

@@ -7,10 +7,11 @@ it uses the ``memtrack`` fixture, carries ``@pytest.mark.memtrack(...)``, or whe
 
 How a test is measured (in ``pytest_runtest_call``, around the test body only):
 
-- **peak**: the exact RSS high-water mark over the RSS at the start. A phase held open in
-  a thread of the plugin's own receives every high-water mark that a ``memtrack.phase``
-  of the test resets (the C core folds the mark into every open phase before a reset), so
-  phases inside the test do not hide the test's peak, and their paths stay as they are.
+- **peak**: the exact RSS high-water mark over the RSS at the start. A peak watch
+  (``_core.PeakWatch``) receives every high-water mark that a ``memtrack.phase`` of the
+  test resets (the C core folds the mark into every open phase and watch before a reset),
+  so phases inside the test do not hide the test's peak; the watch is never recorded and
+  changes no phase path.
 - **retained**: RSS after the body, ``gc.collect()`` and ``malloc_trim(0)``, minus the same
   before it.
 - **phases**: the test's own phases (the records completed during the body).
@@ -29,6 +30,7 @@ import gc
 import json
 import os
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,7 +48,6 @@ from .leaks import assert_no_growth as _assert_no_growth
 from .profile import summarise_by_path
 from .table import ENV_TABLE, WorkerTable
 
-#: The phase the plugin holds open, in its own thread, around a measured test body.
 #: How often the pool's summed memory is sampled while a test with a table runs.
 POOL_INTERVAL = 0.02
 #: Heartbeat of the test's worker table: how often busy workers publish their rss.
@@ -664,11 +665,18 @@ def _load_baseline(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _write_baseline(path: Path, tests: dict[str, dict[str, Any]]) -> None:
+    """Write atomically, through a temporary file of this writer's own (no clash between
+    sessions, nothing left behind on error)."""
     text = json.dumps({"format": BASELINE_FORMAT, "tests": tests}, indent=2, sort_keys=True)
-    tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(text + "\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 # --------------------------------------------------------------------------------------
