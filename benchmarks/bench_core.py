@@ -209,6 +209,13 @@ def phase_benches() -> list[Bench]:
             teardown="_outer.__exit__(None, None, None)",
         ),
         Bench(
+            "phase_no_heap",
+            "the same with `memtrack.configure(phase_heap=False)` (no mallinfo2, heap_delta None)",
+            'with memtrack.phase("x"):\n    pass',
+            setup="memtrack.configure(phase_heap=False)",
+            teardown="memtrack.configure(phase_heap=True)",
+        ),
+        Bench(
             "phase_disabled",
             "the same with memtrack disabled (`_core.set_disabled(True)`): "
             "interpreter + object only",
@@ -419,7 +426,8 @@ def core_section(
         f"{speed_words(rss, R['py_statm'].median)} than a plain-Python read of "
         "/proc/self/statm.",
         f"- phase enter+exit (`with memtrack.phase(\"x\"): pass`): **{fmt_ns(ph)}** median "
-        f"(nested: {fmt_ns(R['phase_nested'].median)}); tracemalloc's "
+        f"(nested: {fmt_ns(R['phase_nested'].median)}; without the heap reading, "
+        f"`configure(phase_heap=False)`: {fmt_ns(R['phase_no_heap'].median)}); tracemalloc's "
         f"`reset_peak()+get_traced_memory()`: {fmt_ns(R['tracemalloc_pair'].median)}; "
         f"empty `with` of a trivial Python context manager: "
         f"{fmt_ns(R['trivial_cm'].median)}.",

@@ -55,7 +55,9 @@ def _parse_batch(paths: list[str]) -> float:
     return time.process_time() - t0
 
 
-def _job(files: list[str], table: memtrack.WorkerTable, record_to: str | None) -> tuple[float, float]:
+def _job(
+    files: list[str], table: memtrack.WorkerTable, record_to: str | None
+) -> tuple[float, float]:
     """(wall seconds, workers' CPU seconds) of one run of the job."""
     batches = [files[i::16] for i in range(16)]
     t0 = time.perf_counter()
@@ -63,8 +65,12 @@ def _job(files: list[str], table: memtrack.WorkerTable, record_to: str | None) -
     if rec:
         rec.start()
     try:
-        with ProcessPoolExecutor(2, mp_context=mp.get_context("fork"),
-                                 initializer=memtrack.init_worker, initargs=(table.name,)) as ex:
+        with ProcessPoolExecutor(
+            2,
+            mp_context=mp.get_context("fork"),
+            initializer=memtrack.init_worker,
+            initargs=(table.name,),
+        ) as ex:
             cpu = sum(ex.map(_parse_batch, batches))
     finally:
         if rec:
@@ -74,15 +80,20 @@ def _job(files: list[str], table: memtrack.WorkerTable, record_to: str | None) -
 
 def recorder_cpu(workers: int, seconds: float) -> tuple[float, float]:
     """(share of one core with a recording, without) while the parent sleeps."""
-    code = (
-        "import memtrack, time\nprint(1, flush=True)\ntime.sleep(600)"
-    )
+    code = "import memtrack, time\nprint(1, flush=True)\ntime.sleep(600)"
     with memtrack.WorkerTable(capacity=max(workers, 1) + 2) as table:
-        procs = [subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **table.environ()},
-                                  stdout=subprocess.PIPE) for _ in range(workers)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code],
+                env={**os.environ, **table.environ()},
+                stdout=subprocess.PIPE,
+            )
+            for _ in range(workers)
+        ]
         for p in procs:
             p.stdout.readline()
         try:
+
             def share(recording: bool) -> float:
                 with tempfile.TemporaryDirectory() as tmp:
                     rec = memtrack.record(os.path.join(tmp, "r.mtp"), INTERVAL, table=table)
@@ -93,6 +104,7 @@ def recorder_cpu(workers: int, seconds: float) -> tuple[float, float]:
                     if recording:
                         rec.stop()
                     return (time.process_time() - c0) / (time.perf_counter() - w0)
+
             idle = share(False)
             busy = share(True)
         finally:
@@ -103,8 +115,12 @@ def recorder_cpu(workers: int, seconds: float) -> tuple[float, float]:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--record-pairs", type=int, default=None,
-                    help="job pairs with/without a recording (default 7, --quick 3)")
+    ap.add_argument(
+        "--record-pairs",
+        type=int,
+        default=None,
+        help="job pairs with/without a recording (default 7, --quick 3)",
+    )
 
 
 def run(args: argparse.Namespace, command: str) -> Section:
@@ -116,8 +132,9 @@ def run(args: argparse.Namespace, command: str) -> Section:
         say(f"recorder thread, {n} workers, {seconds:g} s")
         busy, idle = recorder_cpu(n, seconds)
         shares[n] = busy - idle
-        rows.append([str(n), f"{busy * 100:.2f}%", f"{idle * 100:.2f}%",
-                     f"{(busy - idle) * 100:.2f}%"])
+        rows.append(
+            [str(n), f"{busy * 100:.2f}%", f"{idle * 100:.2f}%", f"{(busy - idle) * 100:.2f}%"]
+        )
 
     pairs = args.record_pairs or (3 if args.quick else 7)
     files = _sources(150 if args.quick else 400)
@@ -129,7 +146,9 @@ def run(args: argparse.Namespace, command: str) -> Section:
             order = [False, True] if i % 2 == 0 else [True, False]
             got = {}
             for recording in order:
-                got[recording] = _job(files, table, os.path.join(tmp, "j.mtp") if recording else None)
+                got[recording] = _job(
+                    files, table, os.path.join(tmp, "j.mtp") if recording else None
+                )
             ratios.append(got[True][0] / got[False][0] - 1)
             cpu_ratios.append(got[True][1] / got[False][1] - 1)
             plain_walls.append(got[False][0])
@@ -145,8 +164,9 @@ def run(args: argparse.Namespace, command: str) -> Section:
         f"the default {INTERVAL * 1000:g} ms interval sampling itself and a table of N idle "
         "workers; CPU time of the parent process over wall time:",
         "",
-        *md_table(rows, ["workers in the table", "with recording", "without", "recorder thread"],
-               "rrrr"),
+        *md_table(
+            rows, ["workers in the table", "with recording", "without", "recorder thread"], "rrrr"
+        ),
         "",
         "### A real pool job with and without a recording",
         "",
@@ -157,20 +177,34 @@ def run(args: argparse.Namespace, command: str) -> Section:
         "",
         "### Target",
         "",
-        *md_table([["sampling overhead under 1% of a worker's time",
-                 f"recorder thread {shares[8] * 100:.2f}% of one core with 8 workers "
-                 f"(= {worker_cost * 100:.2f}% per worker of a 2-worker pool); workers' CPU "
-                 f"{cpu * 100:+.2f}%", status(met)]],
-               ["target", "measured", "status"], "lll"),
+        *md_table(
+            [
+                [
+                    "sampling overhead under 1% of a worker's time",
+                    f"recorder thread {shares[8] * 100:.2f}% of one core with 8 workers "
+                    f"(= {worker_cost * 100:.2f}% per worker of a 2-worker pool); workers' CPU "
+                    f"{cpu * 100:+.2f}%",
+                    status(met),
+                ]
+            ],
+            ["target", "measured", "status"],
+            "lll",
+        ),
         "",
     ]
-    return Section(key="record", title="Recording (issue 6)", command=command,
-                   elapsed=time.perf_counter() - t0, body=body,
-                   headline=[f"recorder thread: {shares[8] * 100:.2f}% of a core with 8 workers; "
-                             f"job with a recording: wall {wall * 100:+.2f}%, "
-                             f"CPU {cpu * 100:+.2f}%"],
-                   targets=[["sampling < 1% of a worker", f"{worker_cost * 100:.2f}%",
-                             status(met)]])
+    return Section(
+        key="record",
+        title="Recording (issue 6)",
+        command=command,
+        elapsed=time.perf_counter() - t0,
+        body=body,
+        headline=[
+            f"recorder thread: {shares[8] * 100:.2f}% of a core with 8 workers; "
+            f"job with a recording: wall {wall * 100:+.2f}%, "
+            f"CPU {cpu * 100:+.2f}%"
+        ],
+        targets=[["sampling < 1% of a worker", f"{worker_cost * 100:.2f}%", status(met)]],
+    )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
     python benchmarks/run.py --only table --output /tmp/RESULTS.md
 
 RESULTS.md gets the machine once, then one section per script: the core (bench_core.py,
-issue 2), the worker table (bench_table.py, issue 3) and recording (bench_record.py, issue 6). Both use the measuring method in
+issue 2), the worker table (bench_table.py, issue 3) and recording (bench_record.py,
+issue 6). Both use the measuring method in
 benchmarks/_timing.py. Nothing here asserts anything about speed.
 """
 

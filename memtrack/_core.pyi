@@ -113,7 +113,7 @@ class PhaseStats(
     @property
     def peak_delta(self) -> int: ...
     @property
-    def heap_delta(self) -> int: ...
+    def heap_delta(self) -> int | None: ...
     @property
     def error(self) -> str | None: ...
 
@@ -256,7 +256,7 @@ def records() -> tuple[list[PhaseStats], int]:
 def reset() -> None:
     """Forget records and summary (open phases carry on)."""
 
-def configure(*, max_records: int = ...) -> dict[str, int]:
+def configure(*, max_records: int = ..., phase_heap: bool = ...) -> dict[str, int | bool]:
     """Change settings; returns those in force: {"max_records": int}."""
 
 def counters() -> dict[str, int]:

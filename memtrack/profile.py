@@ -20,7 +20,7 @@ FORMAT_VERSION = 1
 
 _PHASE_FIELDS = {
     "name": str, "path": str, "pid": int, "thread_id": int, "start": float, "duration": float,
-    "rss_start": int, "rss_end": int, "peak_rss": int, "heap_delta": int,
+    "rss_start": int, "rss_end": int, "peak_rss": int,
 }
 _SUMMARY_FIELDS = {
     "path": str, "count": int, "total_time": float, "max_peak_rss": int,
@@ -121,11 +121,14 @@ def _phase_stats(r: dict[str, Any], where: str) -> PhaseStats:
     error = r.get("error")
     if error is not None and not isinstance(error, str):
         raise ProfileError(f"{where}: field 'error' should be str or nil, found {error!r}")
+    heap = r.get("heap_delta")  # nil when the heap was not read (configure(phase_heap=False))
+    if heap is not None and (not isinstance(heap, int) or isinstance(heap, bool)):
+        raise ProfileError(f"{where}: field 'heap_delta' should be int or nil, found {heap!r}")
     peak_delta = max(r["peak_rss"] - r["rss_start"], 0)
     return PhaseStats((r["name"], r["path"], r["pid"], r["thread_id"], float(r["start"]),
                        float(r["duration"]), r["rss_start"], r["rss_end"],
                        r["rss_end"] - r["rss_start"], r["peak_rss"], peak_delta,
-                       r["heap_delta"], error))
+                       heap, error))
 
 
 def _phase_summary(r: dict[str, Any], where: str) -> PhaseSummary:

@@ -292,3 +292,21 @@ def test_phases_open_across_fork_are_the_parents_not_the_childs():
     os.waitpid(pid, 0)
     assert child == "work work"  # not "main/work", and no "main" record in the child
     assert sorted(memtrack.summary()) == ["main"]
+
+
+def test_phase_heap_reading_can_be_turned_off():
+    assert memtrack.configure()["phase_heap"] is True
+    try:
+        assert memtrack.configure(phase_heap=False)["phase_heap"] is False
+        with memtrack.phase("no-heap") as p:
+            keep = bytearray(1 << 20)
+        assert p.stats.heap_delta is None  # not read: never a silent 0
+        assert p.stats.peak_delta >= 0 and p.stats.rss_delta is not None
+        with pytest.raises(TypeError, match="phase_heap"):
+            memtrack.configure(phase_heap=1)
+    finally:
+        memtrack.configure(phase_heap=True)
+    with memtrack.phase("heap") as q:
+        keep = bytearray(1 << 20)
+    assert isinstance(q.stats.heap_delta, int)
+    del keep
