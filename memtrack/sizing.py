@@ -291,8 +291,12 @@ def _build_plan(
         if main_bytes is None:
             header = getattr(loaded, "header", None)
             main_pss = header.get("main_pss") if isinstance(header, Mapping) else None
+            measured = _main_from_samples(getattr(loaded, "samples", None))
             if isinstance(main_pss, int) and not isinstance(main_pss, bool) and main_pss >= 0:
                 main_bytes, sources["main"] = main_pss, f"{name}: header main_pss"
+            elif measured is not None:
+                main_bytes, sources["main"] = measured, (
+                    f"{name}: largest PSS of the main process in its samples")
             else:
                 main_bytes, sources["main"] = 0, f"not known ({name} has no main_pss): 0"
                 warnings.append(
@@ -370,6 +374,15 @@ def _build_plan(
     )
 
 
+def _main_from_samples(samples: Any) -> int | None:
+    """The main process's largest PSS in a recording: its own samples (``self``, from
+    memtrack.record) or the command's (``root``, from memtrack run). None without any."""
+    found = [s.get("pss") for s in samples or () if isinstance(s, Mapping)
+             and s.get("source") in ("self", "root")]
+    found = [p for p in found if isinstance(p, int) and not isinstance(p, bool) and p > 0]
+    return max(found) if found else None
+
+
 def plan_workers(
     per_worker: int | str | None = None,
     *,
@@ -391,7 +404,8 @@ def plan_workers(
     Without ``per_worker``, it is the largest peak of private memory among the workers of
     ``table`` (a :class:`memtrack.WorkerTable`) or ``profile`` (a path or the result of
     :func:`memtrack.load`); without ``main``, it is this process's PSS (with ``table``)
-    or the profile header's ``main_pss``, else 0.
+    or the profile header's ``main_pss``, or the largest PSS of the main process in the
+    profile's samples, else 0.
 
     >>> plan_workers("1.2 GB", main="0.5 GB", available="16 GB", cpus=32).workers
     12

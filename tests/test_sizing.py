@@ -381,6 +381,24 @@ def test_a_profile_without_main_pss_counts_main_as_zero_and_warns() -> None:
     assert any("main=" in w for w in plan.warnings)
 
 
+def test_main_from_the_main_process_samples_of_a_recording() -> None:
+    # given: a recording (memtrack.record) without main_pss, whose own samples carry pss
+    profile = SimpleNamespace(
+        header={},
+        workers=[{"pid": 1, "uss": GB}],
+        samples=[{"source": "self", "pss": None}, {"source": "self", "pss": 300 * MiB},
+                 {"source": "worker", "pss": 2 * GB}, {"source": "root", "pss": 500 * MiB}],
+    )
+
+    # when
+    plan = plan_workers(profile=profile, available="4 GB", cpus=8)
+
+    # then: the largest pss of the main process (self or root), not a worker's
+    assert plan.main == 500 * MiB
+    assert "largest PSS of the main process" in plan.sources["main"]
+    assert not any("main=" in w for w in plan.warnings)
+
+
 def test_a_profile_without_workers_raises() -> None:
     # when / then
     with pytest.raises(ValueError, match="per_worker=.*table/profile with worker data"):
