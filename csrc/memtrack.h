@@ -268,6 +268,17 @@ int mt_os_reset_hwm(mt_oserr *e);
 int mt_os_heap(uint64_t *used, uint64_t *free_bytes);
 int mt_os_sample(mt_sample *s, mt_oserr *e);
 int mt_os_footprint(mt_footprint *f, mt_oserr *e);
+
+/* smaps_rollup walks every resident page: ~10 ms per GiB here. Reading it on
+ * a timer would cost a 1 GB worker 1% of its CPU, so every periodic reading
+ * keeps to a budget: after a read that took T seconds, the next waits at least
+ * T / MT_FOOTPRINT_BUDGET (0.2% of one core). */
+#define MT_FOOTPRINT_BUDGET 0.002
+typedef struct {
+    double next; /* CLOCK_MONOTONIC time of the next allowed reading */
+} mt_budget;
+/* Read a footprint (pid 0: this process) if the budget and `min_gap` allow. */
+int mt_budgeted_footprint(mt_budget *b, long pid, double min_gap, mt_footprint *f);
 void mt_os_sleep(double seconds);
 double mt_os_wall_time(void);
 uint64_t mt_os_pid_namespace(void);

@@ -190,3 +190,18 @@ mt_capabilities(PyObject *module, PyObject *unused)
                          "sampler_interval", mt_peak_sampler_interval(), "lacks", lacks, "disabled",
                          atomic_load(&mt_disabled) ? Py_True : Py_False);
 }
+
+int
+mt_budgeted_footprint(mt_budget *b, long pid, double min_gap, mt_footprint *f)
+{
+    mt_oserr e;
+    double start = mt_os_monotonic();
+    if (start < b->next) {
+        return 0;
+    }
+    int ok = (pid == 0 ? mt_os_footprint(f, &e) : mt_os_footprint_of(pid, f, &e)) == 0;
+    double end = mt_os_monotonic();
+    double gap = (end - start) / MT_FOOTPRINT_BUDGET;
+    b->next = end + (gap > min_gap ? gap : min_gap);
+    return ok;
+}

@@ -29,8 +29,9 @@ typedef struct {
     long pid;
     uint64_t pss, uss; /* last reading, 0 before the first */
     int have_pss;
-    int present;     /* seen in this round */
-    uint64_t rounds; /* rounds it has been seen in */
+    mt_budget budget; /* its pss readings */
+    int present;      /* seen in this round */
+    uint64_t rounds;  /* rounds it has been seen in */
 } mt_seen_proc;
 
 typedef struct {
@@ -52,7 +53,8 @@ typedef struct {
     size_t nprocs;
     long *tree;
     mt_packer *pk;
-    size_t packed; /* bytes in pk not yet written */
+    mt_budget self_budget; /* this process's pss readings */
+    size_t packed;         /* bytes in pk not yet written */
     double last_flush;
     uint64_t beat;
     /* Protected by lock: the stop request, the status, the write error. */
@@ -138,7 +140,7 @@ sample_self(RecorderObject *r, double now)
         return 0; /* a reading failed this round: no sample, no error */
     }
     mt_footprint fp = {0};
-    int have_pss = (r->beat % (uint64_t)r->pss_every == 0) && mt_os_footprint(&fp, &e) == 0;
+    int have_pss = mt_budgeted_footprint(&r->self_budget, 0, r->pss_every * r->interval, &fp);
     mtx_lock(&r->lock);
     r->self_rss = rss;
     mtx_unlock(&r->lock);
@@ -253,14 +255,11 @@ sample_tree(RecorderObject *r, double now, mt_pool *pool)
             rc |= pack_event(r->pk, now, "join", NULL, pid, NULL, rss, hwm);
         }
         p->present = 1;
-        if (r->beat % (uint64_t)r->pss_every == 0 || !p->have_pss) {
-            mt_footprint fp;
-            mt_oserr e;
-            if (mt_os_footprint_of(pid, &fp, &e) == 0) {
-                p->pss = fp.pss;
-                p->uss = fp.uss;
-                p->have_pss = 1;
-            }
+        mt_footprint fp;
+        if (mt_budgeted_footprint(&p->budget, pid, r->pss_every * r->interval, &fp)) {
+            p->pss = fp.pss;
+            p->uss = fp.uss;
+            p->have_pss = 1;
         }
         /* The command itself is the pool's parent, not one of its workers. */
         const char *source = pid == r->root_pid ? "root" : "proc";

@@ -381,7 +381,7 @@ static int
 heartbeat_main(void *unused)
 {
     (void)unused;
-    int beat = 0;
+    mt_budget budget = {0}; /* uss/pss readings, within MT_FOOTPRINT_BUDGET */
     mtx_lock(&wk.hb_lock);
     while (!wk.hb_stop) {
         struct timespec until;
@@ -401,7 +401,7 @@ heartbeat_main(void *unused)
 
         mt_footprint fp;
         mt_oserr e;
-        int have_fp = (beat++ % FOOTPRINT_EVERY == 0) && mt_os_footprint(&fp, &e) == 0;
+        int have_fp = mt_budgeted_footprint(&budget, 0, FOOTPRINT_EVERY * wk.heartbeat, &fp);
         uint64_t rss = 0, peak = 0, heap = 0, heap_free;
         mt_os_heap(&heap, &heap_free);
         mtx_lock(&mt_phase_lock);
