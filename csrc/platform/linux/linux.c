@@ -50,6 +50,26 @@ open_cloexec(const char *path, int flags)
     return fd;
 }
 
+/* Read a small /proc file whole into buf (NUL-terminated): its length, or
+ * -1 when it cannot be opened (the process is gone) or read. */
+static ssize_t
+read_small(const char *path, char *buf, size_t size)
+{
+    int fd = open_cloexec(path, O_RDONLY);
+    if (fd < 0) {
+        return -1;
+    }
+    ssize_t n;
+    do {
+        n = read(fd, buf, size - 1);
+    } while (n < 0 && errno == EINTR);
+    close(fd);
+    if (n >= 0) {
+        buf[n] = '\0';
+    }
+    return n;
+}
+
 static void
 close_fd(int *fd)
 {
@@ -478,19 +498,9 @@ mt_os_proc_identity(long pid, uint64_t *start_time)
 {
     char path[64], buf[1024];
     snprintf(path, sizeof path, "/proc/%ld/stat", pid);
-    int fd = open_cloexec(path, O_RDONLY);
-    if (fd < 0) {
+    if (read_small(path, buf, sizeof buf) <= 0) {
         return MT_PROC_GONE;
     }
-    ssize_t n;
-    do {
-        n = read(fd, buf, sizeof buf - 1);
-    } while (n < 0 && errno == EINTR);
-    close(fd);
-    if (n <= 0) {
-        return MT_PROC_GONE;
-    }
-    buf[n] = '\0';
     /* "pid (comm) S ppid ...": comm may hold spaces and parentheses. */
     char *p = strrchr(buf, ')');
     if (p == NULL || p[1] != ' ') {
@@ -623,19 +633,9 @@ mt_os_proc_memory(long pid, uint64_t *rss, uint64_t *hwm)
 {
     char path[64], buf[8192];
     snprintf(path, sizeof path, "/proc/%ld/status", pid);
-    int fd = open_cloexec(path, O_RDONLY);
-    if (fd < 0) {
+    if (read_small(path, buf, sizeof buf) <= 0) {
         return -1;
     }
-    ssize_t n;
-    do {
-        n = read(fd, buf, sizeof buf - 1);
-    } while (n < 0 && errno == EINTR);
-    close(fd);
-    if (n <= 0) {
-        return -1;
-    }
-    buf[n] = '\0';
     *rss = *hwm = 0;
     if (!find_kb(buf, "VmRSS", rss)) {
         return -1; /* a zombie or a kernel thread: no memory to report */
@@ -662,16 +662,9 @@ mt_os_children(long pid, long *out, size_t *n, size_t max)
         }
         char file[128], buf[4096];
         snprintf(file, sizeof file, "/proc/%ld/task/%.20s/children", pid, ent->d_name);
-        int fd = open_cloexec(file, O_RDONLY);
-        if (fd < 0) {
+        if (read_small(file, buf, sizeof buf) <= 0) {
             continue;
         }
-        ssize_t len = read(fd, buf, sizeof buf - 1);
-        close(fd);
-        if (len <= 0) {
-            continue;
-        }
-        buf[len] = '\0';
         char *p = buf, *end;
         for (long child = strtol(p, &end, 10); end != p && *n < max;
              p = end, child = strtol(p, &end, 10)) {
