@@ -794,6 +794,9 @@ mt_worker_set_heartbeat(PyObject *module, PyObject *arg)
  * process (pid, start_time) it verified, so later liveness checks are one
  * poll() and a reused pid can never pass for the owner. */
 
+/* A reader's mapping. Its fields are Protected by the GIL: every method
+ * runs with it held and none releases it. The mapped slots are shared with
+ * the workers and follow the sequence-counter protocol above. */
 typedef struct {
     PyObject_HEAD mt_seg_header *seg; /* NULL once closed */
     size_t size;
