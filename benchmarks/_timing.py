@@ -439,3 +439,38 @@ def write_results(path: Path, sections: list[Section], command: str, elapsed: fl
     for k in order:
         L += ["", merged[k]]
     path.write_text("\n".join(L) + "\n")
+
+
+def print_section(section: Section) -> None:
+    print(f"{section.title}:")
+    print("\n".join(section.headline))
+    print("\n".join(" | ".join(t) for t in section.targets))
+
+
+def standalone_main(module, quick_help: str, argv: list[str] | None = None,
+                    extra_arguments=None) -> int:
+    """`python benchmarks/<script>.py [--quick] [--output F]`: run one script's section
+    and write it into RESULTS.md, keeping the other sections."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description=module.__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--output", type=Path, default=HERE / "RESULTS.md",
+                    help="the report to write (default: benchmarks/RESULTS.md; its other "
+                         "sections are kept)")
+    if extra_arguments is not None:
+        extra_arguments(ap)
+    module.add_arguments(ap)
+    args = ap.parse_args(argv)
+    script = Path(module.__file__).name
+    if sys.platform != "linux":
+        print(f"{script} measures the Linux implementation; run it on Linux.", file=sys.stderr)
+        return 2
+    command = f"python benchmarks/{script}" + (" --quick" if args.quick else "")
+    warn_if_busy()
+    section = module.run(args, command)
+    write_results(args.output, [section], command, section.elapsed)
+    print_section(section)
+    print(f"wrote the {section.key} section of {args.output} in {section.elapsed:.0f} s")
+    return 0

@@ -67,10 +67,9 @@ from _timing import (  # noqa: E402
     run_section,
     say,
     speed_words,
+    standalone_main,
     status,
     table,
-    warn_if_busy,
-    write_results,
 )
 
 import memtrack  # noqa: E402
@@ -715,33 +714,8 @@ def run(args, command: str) -> Section:
                         syscalls, perf, elapsed)
 
 
-def print_section(section: Section) -> None:
-    print(f"{section.title}:")
-    print("\n".join(section.headline))
-    print("\n".join(" | ".join(t) for t in section.targets))
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer, shorter batches (~10 s)")
-    ap.add_argument("--output", type=Path, default=HERE / "RESULTS.md",
-                    help="the report to write (default: benchmarks/RESULTS.md; its other "
-                         "sections are kept)")
-    add_arguments(ap)
-    args = ap.parse_args(argv)
-
-    if sys.platform != "linux":
-        print("bench_core.py measures the Linux implementation; run it on Linux.",
-              file=sys.stderr)
-        return 2
-
-    command = "python benchmarks/bench_core.py" + (" --quick" if args.quick else "")
-    warn_if_busy()
-    section = run(args, command)
-    write_results(args.output, [section], command, section.elapsed)
-    print_section(section)
-    print(f"wrote the core section of {args.output} in {section.elapsed:.0f} s")
-    return 0
+    return standalone_main(sys.modules[__name__], "fewer, shorter batches (~10 s)", argv)
 
 
 if __name__ == "__main__":

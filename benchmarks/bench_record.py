@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import Section, say, status
+from _timing import Section, say, standalone_main, status
 from _timing import table as md_table  # noqa: E402
 
 import memtrack  # noqa: E402
@@ -208,9 +208,4 @@ def run(args: argparse.Namespace, command: str) -> Section:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    add_arguments(ap)
-    args = ap.parse_args()
-    section = run(args, "python benchmarks/bench_record.py" + (" --quick" if args.quick else ""))
-    print("\n".join(section.lines()))
+    sys.exit(standalone_main(sys.modules[__name__], "a shorter run (~15 s)"))

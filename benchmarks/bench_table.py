@@ -63,10 +63,9 @@ from _timing import (  # noqa: E402  (the shared measuring method and report hel
     perf_symbols,
     run_section,
     say,
+    standalone_main,
     status,
     table,
-    warn_if_busy,
-    write_results,
 )
 
 import memtrack  # noqa: E402
@@ -1208,35 +1207,14 @@ def run(args, command: str) -> Section:
                          elapsed)
 
 
-def print_section(section: Section) -> None:
-    print(f"{section.title}:")
-    print("\n".join(section.headline))
-    print("\n".join(" | ".join(t) for t in section.targets))
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         return CHILDREN[argv[1]](argv[2:])
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer, shorter batches (~30 s)")
-    ap.add_argument("--output", type=Path, default=HERE / "RESULTS.md",
-                    help="the report to write (default: benchmarks/RESULTS.md; its other "
-                         "sections are kept)")
-    ap.add_argument("--no-perf", action="store_true", help="skip the perf breakdowns")
-    add_arguments(ap)
-    args = ap.parse_args(argv)
-    if sys.platform != "linux":
-        print("bench_table.py measures the Linux implementation; run it on Linux.",
-              file=sys.stderr)
-        return 2
-    command = "python benchmarks/bench_table.py" + (" --quick" if args.quick else "")
-    warn_if_busy()
-    section = run(args, command)
-    write_results(args.output, [section], command, section.elapsed)
-    print_section(section)
-    print(f"wrote the worker-table section of {args.output} in {section.elapsed:.0f} s")
-    return 0
+    return standalone_main(
+        sys.modules[__name__], "fewer, shorter batches (~30 s)", argv,
+        lambda ap: ap.add_argument("--no-perf", action="store_true",
+                                   help="skip the perf breakdowns"))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_core  # noqa: E402
 import bench_record  # noqa: E402
 import bench_table  # noqa: E402
-from _timing import HERE, say, warn_if_busy, write_results  # noqa: E402
+from _timing import HERE, print_section, say, warn_if_busy, write_results  # noqa: E402
 
 SCRIPTS = {"core": bench_core, "table": bench_table, "record": bench_record}
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     write_results(args.output, sections, command, elapsed)
     for section in sections:
         print()
-        bench_core.print_section(section)
+        print_section(section)
     print(f"\nwrote {args.output} in {elapsed:.0f} s")
     return 0
 
