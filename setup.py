@@ -48,7 +48,7 @@ if os.environ.get("MEMTRACK_SANITIZE") == "1":
 core = Extension(
     "memtrack._core",
     sources=sorted(glob.glob("csrc/*.c")) + sorted(glob.glob(f"csrc/platform/{folder}/*.c")),
-    depends=["csrc/memtrack.h"],
+    depends=["csrc/memtrack.h", "csrc/platform/platform.h"],
     define_macros=[(f"MEMTRACK_{folder.upper()}", "1")],
     extra_compile_args=compile_args,
     extra_link_args=[f for f in flags if not f.startswith("-I")]

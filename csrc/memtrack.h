@@ -3,7 +3,7 @@
  *
  * Layers: module.c (module state, types, errors) calls readings.c, peak.c,
  * phase.c and pack.c; only csrc/platform/<os>/ talks to the operating system,
- * through the small mt_os_* interface declared at the bottom of this file.
+ * through the small mt_os_* interface in platform/platform.h.
  */
 #ifndef MEMTRACK_H
 #define MEMTRACK_H
@@ -15,6 +15,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <threads.h>
+
+#include "platform/platform.h"
 
 #define MT_VERSION "0.1.0"
 
@@ -61,52 +63,13 @@ mt_state *mt_state_from_type(PyTypeObject *tp);
 /* Raise OSError (the errno subclass) naming the failing call and path. */
 void mt_raise_os(int err, const char *syscall, const char *path);
 
-/* ------------------------------------------------------------------------ */
-/* Errors from the platform layer: the call that failed and its errno.      */
-
-typedef struct {
-    const char *syscall; /* "pread", "open", ... */
-    const char *path;    /* the file involved, or NULL */
-    int err;             /* errno */
-} mt_oserr;
-
-static inline int
-mt_fail(mt_oserr *e, const char *syscall, const char *path, int err)
-{
-    e->syscall = syscall;
-    e->path = path;
-    e->err = err;
-    return -1;
-}
-
 static inline void
 mt_raise_oserr(const mt_oserr *e)
 {
     mt_raise_os(e->err, e->syscall, e->path);
 }
 
-/* ------------------------------------------------------------------------ */
-/* Readings (platform-neutral shapes).                                      */
 
-typedef struct {
-    double time;
-    uint64_t rss, peak_rss, vms, rss_anon, rss_file, rss_shmem, swap;
-    uint64_t heap_used, heap_free, minor_faults, major_faults;
-} mt_sample;
-
-typedef struct {
-    uint64_t uss, pss, shared;
-} mt_footprint;
-
-/* Which readings this platform lacks: bits for mt_os_missing(). */
-enum {
-    MT_LACKS_HEAP = 1 << 0,
-    MT_LACKS_PSS = 1 << 1,
-    MT_LACKS_SWAP = 1 << 2,
-    MT_LACKS_RSS_SPLIT = 1 << 3, /* rss_anon / rss_file / rss_shmem */
-    MT_LACKS_FAULTS = 1 << 4,
-    MT_LACKS_PEAK_RESET = 1 << 5,
-};
 
 /* ------------------------------------------------------------------------ */
 /* peak.c: the exact-peak machinery, shared by phases and reset_peak().     */
@@ -171,15 +134,6 @@ typedef struct {
     double duration;
 } mt_worker_exit;
 
-/* A reader's watch on one slot owner (segment.c): a pidfd for the exact
- * process it verified, so a reused pid never passes for the owner. */
-typedef struct {
-    int fd; /* -1: none */
-    int64_t pid;
-    uint64_t start_time;
-    int polled; /* alive was set by one poll() over all watches */
-    int alive;
-} mt_watch;
 
 /* What the recorder needs of a slot. */
 typedef struct {
@@ -250,24 +204,6 @@ int mt_pack_i64(mt_packer *p, int64_t v);
 int mt_pack_double(mt_packer *p, double v);
 int mt_pack_nil(mt_packer *p);
 
-/* ------------------------------------------------------------------------ */
-/* The platform interface: csrc/platform/<os>/ implements these and nothing   */
-/* else in csrc/ talks to the OS. All return 0, or -1 with *e filled in.     */
-
-int mt_os_init(mt_oserr *e);       /* open the descriptors kept open */
-void mt_os_after_fork_child(void); /* reopen them in a forked child */
-int mt_os_register_atfork(void (*prepare)(void), void (*parent)(void), void (*child)(void));
-unsigned mt_os_missing(void); /* MT_LACKS_* bits */
-double mt_os_monotonic(void);
-long mt_os_pid(void);
-int mt_os_trim(void);                            /* give free heap back to the OS; 1 if any was */
-int mt_os_rss(uint64_t *rss, mt_oserr *e);       /* fast path */
-int mt_os_hwm(uint64_t *hwm, mt_oserr *e);       /* fast, may be stale: see peak.c */
-int mt_os_hwm_exact(uint64_t *hwm, mt_oserr *e); /* slow, never stale */
-int mt_os_reset_hwm(mt_oserr *e);
-int mt_os_heap(uint64_t *used, uint64_t *free_bytes);
-int mt_os_sample(mt_sample *s, mt_oserr *e);
-int mt_os_footprint(mt_footprint *f, mt_oserr *e);
 
 /* smaps_rollup walks every resident page: ~10 ms per GiB here. Reading it on
  * a timer would cost a 1 GB worker 1% of its CPU, so every periodic reading
@@ -279,28 +215,5 @@ typedef struct {
 } mt_budget;
 /* Read a footprint (pid 0: this process) if the budget and `min_gap` allow. */
 int mt_budgeted_footprint(mt_budget *b, long pid, double min_gap, mt_footprint *f);
-void mt_os_sleep(double seconds);
-double mt_os_wall_time(void);
-uint64_t mt_os_pid_namespace(void);
-int mt_os_random(void *buf, size_t n, mt_oserr *e);
-/* Shared segments: create (mode 0600, must not exist), attach, detach, unlink. */
-int mt_os_shm_create(const char *name, size_t size, void **addr, mt_oserr *e);
-int mt_os_shm_attach(const char *name, void **addr, size_t *size, mt_oserr *e);
-void mt_os_shm_detach(void *addr, size_t size);
-int mt_os_shm_unlink(const char *name, mt_oserr *e);
-/* Other processes. */
-enum { MT_PROC_GONE = 0, MT_PROC_ALIVE = 1, MT_PROC_ZOMBIE = 2 };
-int mt_os_proc_identity(long pid, uint64_t *start_time);
-int mt_os_pid_exists(long pid);
-int mt_os_child_status(long pid, int *exit_code, int *exit_signal);
-int mt_os_footprint_of(long pid, mt_footprint *fp, mt_oserr *e);
-int mt_os_proc_memory(long pid, uint64_t *rss, uint64_t *hwm);
-int mt_os_children(long pid, long *out, size_t *n, size_t max);
-int mt_os_write_all(int fd, const char *buf, size_t len, mt_oserr *e);
-int mt_os_pidfd_open(long pid);
-int mt_os_pidfd_alive(int fd);
-/* Ask every watch with a pidfd at once; sets polled and alive. */
-void mt_os_pidfds_poll(mt_watch *watches, size_t n);
-void mt_os_close(int fd);
 
 #endif /* MEMTRACK_H */

@@ -4,7 +4,7 @@
  * (with the other csrc/platform/<os>/ folders, when they are built).
  */
 #define _GNU_SOURCE
-#include "../../memtrack.h"
+#include "../platform.h"
 
 #include <errno.h>
 #include <fcntl.h>

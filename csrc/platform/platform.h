@@ -1,0 +1,106 @@
+/*
+ * The platform interface: csrc/platform/<os>/ implements these and nothing
+ * else in csrc/ talks to the operating system. Plain C11, no Python: a port
+ * and its C-level tests build without the interpreter.
+ *
+ * Every function returning int returns 0, or -1 with *e filled in, unless
+ * its comment says otherwise.
+ */
+#ifndef MEMTRACK_PLATFORM_H
+#define MEMTRACK_PLATFORM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* ------------------------------------------------------------------------ */
+/* Errors from the platform layer: the call that failed and its errno.      */
+
+typedef struct {
+    const char *syscall; /* "pread", "open", ... */
+    const char *path;    /* the file involved, or NULL */
+    int err;             /* errno */
+} mt_oserr;
+
+static inline int
+mt_fail(mt_oserr *e, const char *syscall, const char *path, int err)
+{
+    e->syscall = syscall;
+    e->path = path;
+    e->err = err;
+    return -1;
+}
+
+
+/* ------------------------------------------------------------------------ */
+/* Readings (platform-neutral shapes).                                      */
+
+typedef struct {
+    double time;
+    uint64_t rss, peak_rss, vms, rss_anon, rss_file, rss_shmem, swap;
+    uint64_t heap_used, heap_free, minor_faults, major_faults;
+} mt_sample;
+
+typedef struct {
+    uint64_t uss, pss, shared;
+} mt_footprint;
+
+/* Which readings this platform lacks: bits for mt_os_missing(). */
+enum {
+    MT_LACKS_HEAP = 1 << 0,
+    MT_LACKS_PSS = 1 << 1,
+    MT_LACKS_SWAP = 1 << 2,
+    MT_LACKS_RSS_SPLIT = 1 << 3, /* rss_anon / rss_file / rss_shmem */
+    MT_LACKS_FAULTS = 1 << 4,
+    MT_LACKS_PEAK_RESET = 1 << 5,
+};
+
+/* A reader's watch on one slot owner (segment.c): a pidfd for the exact
+ * process it verified, so a reused pid never passes for the owner. */
+typedef struct {
+    int fd; /* -1: none */
+    int64_t pid;
+    uint64_t start_time;
+    int polled; /* alive was set by one poll() over all watches */
+    int alive;
+} mt_watch;
+
+int mt_os_init(mt_oserr *e);       /* open the descriptors kept open */
+void mt_os_after_fork_child(void); /* reopen them in a forked child */
+int mt_os_register_atfork(void (*prepare)(void), void (*parent)(void), void (*child)(void));
+unsigned mt_os_missing(void); /* MT_LACKS_* bits */
+double mt_os_monotonic(void);
+long mt_os_pid(void);
+int mt_os_trim(void);                            /* give free heap back to the OS; 1 if any was */
+int mt_os_rss(uint64_t *rss, mt_oserr *e);       /* fast path */
+int mt_os_hwm(uint64_t *hwm, mt_oserr *e);       /* fast, may be stale: see peak.c */
+int mt_os_hwm_exact(uint64_t *hwm, mt_oserr *e); /* slow, never stale */
+int mt_os_reset_hwm(mt_oserr *e);
+int mt_os_heap(uint64_t *used, uint64_t *free_bytes);
+int mt_os_sample(mt_sample *s, mt_oserr *e);
+int mt_os_footprint(mt_footprint *f, mt_oserr *e);
+
+void mt_os_sleep(double seconds);
+double mt_os_wall_time(void);
+uint64_t mt_os_pid_namespace(void);
+int mt_os_random(void *buf, size_t n, mt_oserr *e);
+/* Shared segments: create (mode 0600, must not exist), attach, detach, unlink. */
+int mt_os_shm_create(const char *name, size_t size, void **addr, mt_oserr *e);
+int mt_os_shm_attach(const char *name, void **addr, size_t *size, mt_oserr *e);
+void mt_os_shm_detach(void *addr, size_t size);
+int mt_os_shm_unlink(const char *name, mt_oserr *e);
+/* Other processes. */
+enum { MT_PROC_GONE = 0, MT_PROC_ALIVE = 1, MT_PROC_ZOMBIE = 2 };
+int mt_os_proc_identity(long pid, uint64_t *start_time);
+int mt_os_pid_exists(long pid);
+int mt_os_child_status(long pid, int *exit_code, int *exit_signal);
+int mt_os_footprint_of(long pid, mt_footprint *fp, mt_oserr *e);
+int mt_os_proc_memory(long pid, uint64_t *rss, uint64_t *hwm);
+int mt_os_children(long pid, long *out, size_t *n, size_t max);
+int mt_os_write_all(int fd, const char *buf, size_t len, mt_oserr *e);
+int mt_os_pidfd_open(long pid);
+int mt_os_pidfd_alive(int fd);
+/* Ask every watch with a pidfd at once; sets polled and alive. */
+void mt_os_pidfds_poll(mt_watch *watches, size_t n);
+void mt_os_close(int fd);
+
+#endif /* MEMTRACK_PLATFORM_H */
