@@ -1,4 +1,4 @@
-"""Build memtrack._core: csrc/*.c plus csrc/platform/<os>/*.c, linked to msgpack-c."""
+"""Build memtrack._core: csrc/*.c, csrc/table/*.c and csrc/platform/<os>/*.c, linked to msgpack-c."""
 
 import glob
 import os
@@ -47,8 +47,10 @@ if os.environ.get("MEMTRACK_SANITIZE") == "1":
 
 core = Extension(
     "memtrack._core",
-    sources=sorted(glob.glob("csrc/*.c")) + sorted(glob.glob(f"csrc/platform/{folder}/*.c")),
-    depends=["csrc/memtrack.h", "csrc/platform/platform.h"],
+    sources=sorted(glob.glob("csrc/*.c")) + sorted(glob.glob("csrc/table/*.c"))
+    + sorted(glob.glob(f"csrc/platform/{folder}/*.c")),
+    depends=["csrc/memtrack.h", "csrc/platform/platform.h", "csrc/table/layout.h",
+             "csrc/table/table.h"],
     define_macros=[(f"MEMTRACK_{folder.upper()}", "1")],
     extra_compile_args=compile_args,
     extra_link_args=[f for f in flags if not f.startswith("-I")]

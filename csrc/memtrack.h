@@ -120,7 +120,7 @@ PyObject *mt_pack_phase_records(PyObject *module, PyObject *unused);
 PyObject *mt_phase_counters(PyObject *module, PyObject *unused);
 
 /* ------------------------------------------------------------------------ */
-/* segment.c: the worker table. Worker side (this process's slot) and reader. */
+/* table/: the worker table. worker.c (this process's slot) and reader.c. */
 
 typedef struct {
     const char *path; /* the ended phase */

@@ -54,7 +54,7 @@ enum {
     MT_LACKS_PEAK_RESET = 1 << 5,
 };
 
-/* A reader's watch on one slot owner (segment.c): a pidfd for the exact
+/* A reader's watch on one slot owner (table/reader.c): a pidfd for the exact
  * process it verified, so a reused pid never passes for the owner. */
 typedef struct {
     int fd; /* -1: none */
