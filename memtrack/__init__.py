@@ -17,7 +17,6 @@ if _core.__version__ != __version__:
         "rebuild it: pip install -e ."
     )
 
-from . import table as _table  # noqa: E402
 from ._core import (  # noqa: E402
     Footprint,
     PhaseStats,
@@ -34,31 +33,32 @@ from ._core import (  # noqa: E402
 )
 from ._phase import phase  # noqa: E402
 from ._sizes import format_size, parse_size  # noqa: E402
-from .insights import Insight, insights  # noqa: E402
 from .leaks import Growth, MemoryGrowthError, assert_no_growth, measure_growth  # noqa: E402
 from .limits import SystemMemory, cpu_limit, system_memory  # noqa: E402
-from .profile import Profile, dump, load  # noqa: E402
-from .recording import record  # noqa: E402
-from .sizing import WorkerPlan, calculate_max_workers, plan_workers  # noqa: E402
-from .table import (  # noqa: E402
+from .pool import table as _table  # noqa: E402
+from .pool.forensics import explain_broken_pool  # noqa: E402
+from .pool.table import (  # noqa: E402
     TableError,
     Totals,
     WorkerStats,
     WorkerTable,
     cleanup_stale,
-    explain_broken_pool,
     init_worker,
     set_heartbeat,
     task_done,
     worker_slot,
 )
+from .profile import Profile, dump, load  # noqa: E402
+from .profile.insights import Insight, insights  # noqa: E402
+from .profile.recording import record  # noqa: E402
+from .sizing import WorkerPlan, calculate_max_workers, plan_workers  # noqa: E402
 
 
 def __getattr__(name: str):
     # The executor pulls in concurrent.futures.process and multiprocessing (~50 ms):
     # load it when first asked for, so that `import memtrack` stays light in workers.
     if name in ("MemoryAwareExecutor", "PoolEvent"):
-        from . import executor
+        from .pool import executor
 
         return getattr(executor, name)
     raise AttributeError(f"module 'memtrack' has no attribute {name!r}")
@@ -112,7 +112,7 @@ _core.set_disabled(_env_flag("MEMTRACK_DISABLE"))
 _table._register_process_hooks()
 if not _env_flag("MEMTRACK_DISABLE"):
     _table._join_from_environment()
-    from . import recording as _recording
+    from .profile import recording as _recording
 
     _recording._record_from_environment()
 

@@ -17,23 +17,18 @@ when not even one worker fits), and then :attr:`WorkerPlan.warnings` says so.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, TextIO
+from typing import Any
 
 from . import _core
 from ._sizes import format_size, parse_size
 from .limits import CpuLimit, SystemMemory, cpu_limit_info, system_memory
 
-__all__ = [
-    "WorkerPlan", "add_workers_parser", "calculate_max_workers", "plan_workers",
-    "run_workers_command",
-]
+__all__ = ["WorkerPlan", "calculate_max_workers", "plan_workers"]
 
 #: The names :attr:`WorkerPlan.limited_by` can take.
 LIMITS = ("memory", "cpus", "max_workers", "min_workers")
@@ -47,7 +42,7 @@ def _decimal(n: int) -> str:
     return f"{n} B"
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
     """Both binary and decimal: "14.9 GiB (16 GB)", so neither reader is puzzled."""
     if abs(n) < 1000:
         return format_size(n)
@@ -87,12 +82,12 @@ class WorkerPlan:
         lines = [
             f"{self.workers} worker{'s' if self.workers != 1 else ''}, bound by "
             f"{self.limited_by}.",
-            f"memory: {_size(self.usable)} usable for workers",
-            f"  = {_size(self.available)} available x (1 - {self.headroom * 100:g}% headroom)"
-            f" - {_size(self.main)} for the main process",
+            f"memory: {size_text(self.usable)} usable for workers",
+            f"  = {size_text(self.available)} available x (1 - {self.headroom * 100:g}% headroom)"
+            f" - {size_text(self.main)} for the main process",
             f"  available: {_from(s.get('available', 'given'))}",
             f"  main: {_from(s.get('main', 'given'))}",
-            f"per worker: {_size(self.per_worker)} -> {self.fit_by_memory} fit in memory",
+            f"per worker: {size_text(self.per_worker)} -> {self.fit_by_memory} fit in memory",
             f"  per worker: {_from(s.get('per_worker', 'given'))}",
             f"cpus: {self.cpus} ({_from(s.get('cpus', 'given'))}); "
             f"max_workers: {max_text}; min_workers: {self.min_workers}",
@@ -225,7 +220,7 @@ def _load_profile(profile: Any) -> tuple[Any, str, list[str]]:
 # --------------------------------------------------------------------------- the calculator
 
 
-def _build_plan(
+def build_plan(
     per_worker: int | str | None,
     main: int | str | None,
     available: int | str | None,
@@ -321,7 +316,7 @@ def _build_plan(
                 "no cgroup memory limit")
         else:
             sources["available"] = (
-                f"system_memory(): cgroup limit {_size(memory.limit)} in "
+                f"system_memory(): cgroup limit {size_text(memory.limit)} in "
                 f"{memory.limit_source} minus the cgroup's usage")
     if cpus is None:
         detected = read_cpus()
@@ -343,8 +338,8 @@ def _build_plan(
             why = (
                 "the main process and headroom leave no memory for workers"
                 if usable <= 0 else
-                f"{_size(math.floor(usable))} usable holds {fit} worker(s) of "
-                f"{_size(per_worker_bytes)}"
+                f"{size_text(math.floor(usable))} usable holds {fit} worker(s) of "
+                f"{size_text(per_worker_bytes)}"
             )
             warnings.append(
                 f"{why}; returning min_workers={min_workers} anyway, which may swap or be "
@@ -413,7 +408,7 @@ def plan_workers(
     Raises TypeError/ValueError for inputs of the wrong type or range, and ValueError
     when there is no per-worker size to use.
     """
-    return _build_plan(per_worker, main, available, cpus, headroom, min_workers, max_workers,
+    return build_plan(per_worker, main, available, cpus, headroom, min_workers, max_workers,
                        table, profile, lambda: system_memory(), lambda: cpu_limit_info())
 
 
@@ -437,94 +432,3 @@ def calculate_max_workers(
     return plan_workers(per_worker, main=main, available=available, cpus=cpus,
                         headroom=headroom, min_workers=min_workers, max_workers=max_workers,
                         table=table, profile=profile).workers
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_workers_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``memtrack workers`` options; sets ``func`` to :func:`run_workers_command`.
-
-    Takes either the object returned by ``ArgumentParser.add_subparsers()`` (a "workers"
-    parser is created in it) or an ``ArgumentParser`` already made for the command (the
-    options are added to it), so either style of CLI dispatcher can use it.
-    """
-    description = (
-        "Print how many workers fit in the memory and CPUs this process may use "
-        "(cgroup limits included), and why. Per-worker memory comes from --per-worker "
-        "or from a profile (--from)."
-    )
-    if hasattr(subparsers, "add_parser"):
-        parser = subparsers.add_parser(
-            "workers", help="how many workers this machine (or container) can afford",
-            description=description)
-    else:
-        parser = subparsers
-        if parser.description is None:
-            parser.description = description
-    parser.add_argument("--per-worker", metavar="SIZE",
-                        help="peak memory of one worker, e.g. '1.2 GB' or '900 MiB'")
-    parser.add_argument("--main", metavar="SIZE",
-                        help="memory of the main (coordinating) process, e.g. '500 MB'")
-    parser.add_argument("--from", dest="profile", metavar="PROFILE",
-                        help="a profile with worker data (memtrack record / dump)")
-    parser.add_argument("--headroom", type=float, default=0.0, metavar="F",
-                        help="fraction of available memory to keep free, in [0, 1)")
-    parser.add_argument("--max-workers", type=int, metavar="N", help="never more than N")
-    parser.add_argument("--min-workers", type=int, default=1, metavar="N",
-                        help="never fewer than N (default 1; warns when memory is short)")
-    parser.add_argument("--available", metavar="SIZE",
-                        help="what if: size for this much memory instead of the detected")
-    parser.add_argument("--cpus", type=int, metavar="N",
-                        help="what if: size for N CPUs instead of the detected")
-    parser.set_defaults(func=run_workers_command)
-    return parser
-
-
-def _print_detected(memory: SystemMemory, cpu: CpuLimit, out: TextIO) -> None:
-    limit = "none" if memory.limit is None else _size(memory.limit)
-    rows = [
-        ("memory limit", limit,
-         f"from {memory.limit_source}" if memory.limit is not None
-         else f"no cgroup memory limit; host figures from {memory.limit_source}"),
-        ("memory total", _size(memory.total), "min(MemTotal, limit)"),
-        ("memory available", _size(memory.available),
-         "MemAvailable" if memory.limit is None
-         else "min(MemAvailable, limit - cgroup usage without inactive file cache)"),
-        ("memory used", _size(memory.used),
-         "MemTotal - MemAvailable" if memory.limit is None else "cgroup usage"),
-        ("swap", f"{_size(memory.swap_total)} total, {_size(memory.swap_free)} free",
-         "from /proc/meminfo"),
-        ("cpus", str(cpu.cpus), f"from {cpu.source}"),
-    ]
-    print("Detected limits", file=out)
-    for name, value, note in rows:
-        print(f"  {name:<17} {value:<28} {note}", file=out)
-
-
-def run_workers_command(
-    args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None
-) -> int:
-    """``memtrack workers``: print the detected limits and the plan; 0 on success, 2 on
-    bad input (the message names it)."""
-    out = out if out is not None else sys.stdout
-    err = err if err is not None else sys.stderr
-    memory = system_memory()
-    cpu = cpu_limit_info()
-    try:
-        plan = _build_plan(
-            getattr(args, "per_worker", None), getattr(args, "main", None),
-            getattr(args, "available", None), getattr(args, "cpus", None),
-            getattr(args, "headroom", 0.0), getattr(args, "min_workers", 1),
-            getattr(args, "max_workers", None), None, getattr(args, "profile", None),
-            lambda: memory, lambda: cpu,
-        )
-    except (ValueError, TypeError, OSError, _core.ProfileError) as exc:
-        print(f"memtrack workers: error: {exc}", file=err)
-        return 2
-    _print_detected(memory, cpu, out)
-    print("", file=out)
-    print("Plan", file=out)
-    for line in plan.explain().splitlines():
-        print(f"  {line}", file=out)
-    return 0

@@ -14,8 +14,8 @@ import pytest
 from conftest import run_python
 
 import memtrack
-from memtrack.executor import MemoryAwareExecutor, PoolEvent
 from memtrack.limits import cpu_limit, system_memory
+from memtrack.pool.executor import MemoryAwareExecutor, PoolEvent
 from memtrack.sizing import plan_workers
 
 MB = 1024 * 1024
@@ -387,7 +387,7 @@ def test_queued_tasks_still_run_when_the_program_ends_without_shutdown(tmp_path)
         import sys
         sys.path.insert(0, {HERE!r})
         import executor_tasks
-        from memtrack.executor import MemoryAwareExecutor
+        from memtrack.pool.executor import MemoryAwareExecutor
         ex = MemoryAwareExecutor(1)
         for n in range(4):
             ex.submit(executor_tasks.log_run, {str(log)!r}, n, 0.05)
@@ -433,13 +433,13 @@ def test_events_are_small_frozen_records():
         event.kind = "resume"
     assert str(event) == "pause: pool memory high"
     assert str(PoolEvent("death", 1.0, 42, "killed", {})) == "death worker 42: killed"
-    assert memtrack.executor.MemoryAwareExecutor is MemoryAwareExecutor
+    assert memtrack.pool.executor.MemoryAwareExecutor is MemoryAwareExecutor
 
 
 def test_a_pool_paused_with_idle_workers_goes_on_one_task_at_a_time(monkeypatch):
     # Memory that stays high with every worker idle cannot fall by waiting: after the stall
     # window the pool runs one task at a time, so shutdown() and exit never hang.
-    import memtrack.executor as executor_module
+    import memtrack.pool.executor as executor_module
 
     monkeypatch.setattr(executor_module, "STALL_WARNING_AFTER", 0.3)
     ex = memtrack.MemoryAwareExecutor(2, memory_probe=lambda: 10**12, limit="1 GB")

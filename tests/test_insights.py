@@ -17,7 +17,7 @@ import memtrack
 
 # From the module by name: once the package exports the function memtrack.insights(), the
 # attribute memtrack.insights is that function, not this module.
-from memtrack.insights import (
+from memtrack.profile.insights import (
     LEAK_MIN_TASKS,
     SEVERITIES,
     Insight,
@@ -400,8 +400,8 @@ def test_descendants_found_by_memtrack_run_are_the_pool():
                                          ({"headroom": 2}, ValueError),
                                          ({"cpus": "2"}, TypeError)])
 def test_bad_options_are_errors_not_silence(kwargs, exc):
-    from memtrack.insights import insights
     from memtrack.profile import Profile
+    from memtrack.profile.insights import insights
 
     with pytest.raises(exc):
         insights(Profile(header={"t": "header", "magic": "memtrack", "format": 1}), **kwargs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import html
 import io
 import json
 import re
@@ -22,12 +23,14 @@ import synthetic_profiles as sp
 from synthetic_profiles import GiB, MiB
 
 from memtrack import cli, report
-from memtrack.insights import insights
-from memtrack.report import add_report_arguments, render, run_report_command
+from memtrack.cli.report import add_report_arguments, run_report_command
+from memtrack.profile.insights import insights
+from memtrack.report import formats, render
+from memtrack.report import html as html_report
 
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is in the [test] extra")
 
-SCHEMA = json.loads(resources.files("memtrack").joinpath("report.schema.json").read_text())
+SCHEMA = json.loads(resources.files("memtrack.report").joinpath("report.schema.json").read_text())
 
 
 def busy_pool() -> list[dict]:
@@ -133,7 +136,7 @@ def test_csv_has_one_row_per_sample(pool_profile):
     rows = list(csv.DictReader(io.StringIO(render(pool_profile, "csv"))))
     samples = [r for r in busy_pool() if r["t"] == "sample"]
     assert len(rows) == len(samples)
-    assert list(rows[0]) == list(report.CSV_COLUMNS)
+    assert list(rows[0]) == list(formats.CSV_COLUMNS)
     first = rows[0]
     assert float(first["time"]) == pytest.approx(sp.T0) and float(first["elapsed"]) == 0
     by_key = {(round(float(r["time"]), 6), int(r["pid"])): r for r in rows}
@@ -144,7 +147,7 @@ def test_csv_has_one_row_per_sample(pool_profile):
 
 
 def test_csv_of_a_profile_without_samples_is_the_header_alone():
-    assert render(sp.load(PROFILES["dump"]()), "csv") == ",".join(report.CSV_COLUMNS) + "\n"
+    assert render(sp.load(PROFILES["dump"]()), "csv") == ",".join(formats.CSV_COLUMNS) + "\n"
 
 
 # --------------------------------------------------------------------------- Prometheus
@@ -256,7 +259,7 @@ def test_html_is_one_self_contained_file(pool_profile):
     assert data["phases"][:3] == ["init", "task", "task/parse"]
     assert data["lanes"][0] == "main 100" and len(data["lanes"]) == 7
     for i in insights(pool_profile):
-        assert report.html.escape(i.title) in page
+        assert html.escape(i.title) in page
     assert '<tr class="bad"><td class="num">203</td>' in page
 
 
@@ -363,7 +366,7 @@ def test_html_report_draws_its_charts_in_headless_chromium(tmp_path):
     assert (width, height) == (1400, 2000)
     # Only the charts paint these: the phase colours (lanes, per-phase bars, the coloured
     # worker lines) and the pool line. An unstyled or chart-less page has none of them.
-    palette = report.PALETTE
+    palette = html_report.PALETTE
     assert count_colour(rows, bpp, palette[0]) > 5000, "no 'init' bars (blue)"
     assert count_colour(rows, bpp, palette[1]) > 5000, "no 'task' bars (orange)"
     assert count_colour(rows, bpp, palette[2]) > 5000, "no 'task/parse' bars (red)"

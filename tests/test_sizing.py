@@ -13,6 +13,7 @@ import pytest
 
 import memtrack
 from memtrack import _core, limits, sizing
+from memtrack.cli import workers
 from memtrack.limits import CpuLimit, SystemMemory
 from memtrack.profile import FORMAT_VERSION, MAGIC
 from memtrack.sizing import WorkerPlan, calculate_max_workers, plan_workers
@@ -511,7 +512,7 @@ def test_worker_plan_is_constructible_with_the_documented_fields() -> None:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="memtrack")
-    sizing.add_workers_parser(top.add_subparsers(dest="command"))
+    workers.add_workers_parser(top.add_subparsers(dest="command"))
     return top
 
 
@@ -614,14 +615,14 @@ def test_add_workers_parser_also_accepts_a_parser_made_for_the_command() -> None
     # given: a dispatcher that creates the "workers" parser itself
     top = argparse.ArgumentParser(prog="memtrack")
     sub = top.add_subparsers(dest="command")
-    sizing.add_workers_parser(sub.add_parser("workers"))
+    workers.add_workers_parser(sub.add_parser("workers"))
 
     # when
     args = top.parse_args(["workers", "--from", "run.mtp", "--max-workers", "3"])
 
     # then
     assert (args.profile, args.max_workers, args.func) == ("run.mtp", 3,
-                                                            sizing.run_workers_command)
+                                                            workers.run_workers_command)
 
 
 def test_memtrack_cli_runs_the_workers_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,9 +15,9 @@ import time
 import warnings
 from typing import Any
 
-from . import _core
-from .profile import _header, summarise_by_path
-from .table import WorkerTable, _latest_open_table
+from .. import _core
+from ..pool.table import WorkerTable, _latest_open_table
+from .files import _header, summarise_by_path
 
 ENV_PROFILE = "MEMTRACK_PROFILE"
 ENV_INTERVAL = "MEMTRACK_INTERVAL"
@@ -39,7 +39,7 @@ def default_interval() -> float:
 
 
 def _limits() -> tuple[dict[str, Any], int]:
-    from .limits import cpu_limit, system_memory
+    from ..limits import cpu_limit, system_memory
 
     try:
         limits = dataclasses.asdict(system_memory())

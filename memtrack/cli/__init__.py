@@ -10,8 +10,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import __version__, _core
-from ._sizes import format_size
+from .. import __version__, _core
+from .._sizes import format_size
 
 # Subcommands register here: name -> (add_arguments, run). Each module that owns a
 # command provides both, so this file stays a dispatcher.
@@ -73,7 +73,7 @@ command("info", "this process's readings and capabilities (the default)", _add_i
 
 
 def _register_commands() -> None:
-    from . import demo, report, run, sizing, top
+    from . import demo, report, run, top, workers
 
     command("report", "turn a profile into a report: text, json, csv, prometheus or html",
             report.add_report_arguments, report.run_report_command)
@@ -83,7 +83,7 @@ def _register_commands() -> None:
             run.add_run_arguments, run.run_run_command)
     command("top", "live view of a worker table", top.add_top_arguments, top.run_top_command)
     command("workers", "how many workers this machine can afford",
-            sizing.add_workers_parser, sizing.run_workers_command)
+            workers.add_workers_parser, workers.run_workers_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

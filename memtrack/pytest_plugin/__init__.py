@@ -41,12 +41,12 @@ from typing import Any
 
 import pytest
 
-from . import _core
-from ._sizes import format_size, parse_size
-from .leaks import Growth
-from .leaks import assert_no_growth as _assert_no_growth
-from .profile import summarise_by_path
-from .table import ENV_TABLE, WorkerTable
+from .. import _core
+from .._sizes import format_size, parse_size
+from ..leaks import Growth
+from ..leaks import assert_no_growth as _assert_no_growth
+from ..pool.table import ENV_TABLE, WorkerTable
+from ..profile import summarise_by_path
 
 #: How often the pool's summed memory is sampled while a test with a table runs.
 POOL_INTERVAL = 0.02
@@ -490,7 +490,7 @@ class MemtrackFixture:
         self._state = state
 
     def phase(self, name: str) -> Any:
-        from ._phase import phase
+        from .._phase import phase
         return phase(name)
 
     def _measured(self, what: str) -> Measurement:

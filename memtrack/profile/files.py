@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _core
+from .. import _core
 
 ProfileError = _core.ProfileError
 PhaseStats = _core.PhaseStats

@@ -48,15 +48,16 @@ from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-from . import _core
-from ._sizes import format_size, parse_size
-from .limits import cpu_limit_info, system_memory
-from .sizing import WorkerPlan, plan_workers
-from .table import WorkerTable, explain_broken_pool, init_worker
+from .. import _core
+from .._sizes import format_size, parse_size
+from ..limits import cpu_limit_info, system_memory
+from ..sizing import WorkerPlan, plan_workers
+from .forensics import explain_broken_pool
+from .table import WorkerTable, init_worker
 
 __all__ = ["MemoryAwareExecutor", "PoolEvent"]
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("memtrack.executor")  # the documented name (docs/executor.md)
 
 #: How often a paused pool looks at memory again (seconds).
 PAUSE_POLL = 0.05

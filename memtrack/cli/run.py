@@ -19,9 +19,9 @@ import sys
 import threading
 import time
 
-from ._sizes import format_size
-from .recording import default_interval, record
-from .table import WorkerTable
+from .._sizes import format_size
+from ..pool.table import WorkerTable
+from ..profile.recording import default_interval, record
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,8 +115,8 @@ def run_command(command: list[str], output: str, *, interval: float | None = Non
 
 
 def _print_summary(output: str, interrupted: bool) -> None:
-    from .profile import load
-    from .report import render
+    from ..profile import load
+    from ..report import render
 
     text = render(load(output, partial=True), "text")
     if interrupted:

@@ -22,12 +22,12 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
-from ._phase import phase
-from ._sizes import format_size
-from .limits import cpu_limit
-from .recording import record
-from .sizing import plan_workers
-from .table import WorkerTable, init_worker
+from .._phase import phase
+from .._sizes import format_size
+from ..limits import cpu_limit
+from ..pool.table import WorkerTable, init_worker
+from ..profile.recording import record
+from ..sizing import plan_workers
 from .top import render_frame
 
 BATCH = 16
@@ -201,8 +201,8 @@ def run_demo(workers: int | None = None, source: str | None = None, out: str = "
             plan = plan_workers(table=table)
     elapsed = time.monotonic() - started
 
-    from .profile import load
-    from .report import render
+    from ..profile import load
+    from ..report import render
 
     profile = load(profile_path)
     with open(html_path, "w", encoding="utf-8") as f:

@@ -12,8 +12,8 @@ import shutil
 import sys
 import time
 
-from ._sizes import format_size
-from .table import SHM_DIR, WorkerTable, live_tables
+from .._sizes import format_size
+from ..pool.table import SHM_DIR, WorkerTable, live_tables
 
 _COLUMNS = ("pid", "state", "rss", "peak", "pss", "tasks", "phase")
 

@@ -30,10 +30,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._sizes import format_size, parse_size
-from ._trend import kendall_tau, theil_sen
-from .profile import summarise_by_path
-from .sizing import _check_count, _check_headroom
+from .._sizes import format_size, parse_size
+from .._trend import kendall_tau, theil_sen
+from ..sizing import _check_count, _check_headroom
+from .files import summarise_by_path
 
 __all__ = ["Insight", "Run", "SEVERITIES", "digest", "insights"]
 
@@ -272,7 +272,7 @@ class Run:
 
 def _load(profile: Any) -> Any:
     if isinstance(profile, (str, os.PathLike)):
-        from .profile import load
+        from .files import load
 
         return load(profile, partial=True)
     if not all(hasattr(profile, name) for name in ("header", "samples", "workers", "events")):
@@ -831,7 +831,7 @@ def _duplicated_state(run: Run, profile: Any) -> list[Insight]:
 
 def _worker_count(run: Run, profile: Any, available: Any, cpus: int | None,
                   headroom: float) -> list[Insight]:
-    from .sizing import plan_workers
+    from ..sizing import plan_workers
 
     workers = [w for w in run.workers]
     if not workers or run.max_live < 1:
