@@ -34,3 +34,20 @@ def _fresh_records():
 
     memtrack.reset()
     yield
+
+
+def wait_for(condition, *, timeout: float = 30.0, what: str = "the condition"):
+    """Poll `condition()` until it returns something true and return that; fail the test
+    if `timeout` seconds pass first. For events whose timing a loaded machine stretches
+    (a heartbeat published, a death noticed): the deadline is generous, the wait is not
+    a fixed window."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout:g} s for {what}; last value: {value!r}")
+        time.sleep(0.01)

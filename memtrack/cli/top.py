@@ -13,6 +13,7 @@ import sys
 import time
 
 from .._sizes import format_size
+from ..pool.forensics import exit_cell
 from ..pool.table import SHM_DIR, WorkerTable, live_tables
 
 _COLUMNS = ("pid", "state", "rss", "peak", "pss", "tasks", "phase")
@@ -37,9 +38,7 @@ def render_frame(table: WorkerTable, *, width: int = 100, now: float | None = No
             phase += "..."
         if len(phase) > phase_width:
             phase = "..." + phase[-(phase_width - 3) :]
-        state = w.state
-        if w.exit_signal is not None:
-            state = f"sig{w.exit_signal}"
+        state = w.state if w.exit_signal is None else exit_cell(None, w.exit_signal)
         lines.append(
             f"{w.pid:>8} {state:<8} {format_size(w.rss):>10} {format_size(w.peak_rss):>10} "
             f"{format_size(w.pss) if w.pss else '-':>10} {w.tasks:>6}  {phase}"

@@ -35,7 +35,6 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import signal
 import threading
 import time
 import traceback
@@ -52,7 +51,7 @@ from .. import _core
 from .._sizes import format_size, parse_size
 from ..limits import cpu_limit_info, system_memory
 from ..sizing import WorkerPlan, plan_workers
-from .forensics import explain_broken_pool
+from .forensics import deaths, describe_exit, exit_status
 from .table import WorkerTable, init_worker
 
 __all__ = ["MemoryAwareExecutor", "PoolEvent"]
@@ -214,15 +213,12 @@ class _PoolMemory:
 # --------------------------------------------------------------------------- the dispatcher
 
 
-def _describe_exit(exitcode: int | None) -> str:
+def _ended(exitcode: int | None) -> str:
+    """How a process ended, from its multiprocessing exit code, after "worker 42 "."""
     if exitcode is None:
         return "ended"
-    if exitcode < 0:
-        try:
-            return f"was killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"was killed by signal {-exitcode}"
-    return f"exited with code {exitcode}"
+    words = describe_exit(*exit_status(exitcode))
+    return f"was {words}" if words.startswith("killed") else words
 
 
 class _Task:
@@ -573,18 +569,17 @@ class _Dispatcher:
                 self.table.record_exit(pid, process.exitcode)
         pid = next(iter(processes), worker.pid)
 
-        forensics = explain_broken_pool(self.table)
+        found = deaths(self.table)
         joined = {w.pid for w in self.table.workers()}
-        early = [f"worker {p} {_describe_exit(process.exitcode)} before it joined the worker "
+        lines = [f"worker {p} {_ended(process.exitcode)} before it joined the worker "
                  "table (while starting: see its output)"
                  for p, process in processes.items() if p not in joined]
-        if early:
-            forensics = "\n".join(early + [forensics])
-        if forensics.endswith("no worker of this table died"):
-            forensics = forensics.replace(
-                "no worker of this table died",
+        lines += map(str, found)
+        if not found:
+            lines.append(
                 "the worker table saw no worker killed: a process ended on its own (if the "
                 "initializer raised, concurrent.futures logged its traceback)")
+        forensics = "\n".join(lines)
         message = ("A worker of the MemoryAwareExecutor died; the pool is not usable "
                    f"anymore. What the worker table knows:\n{forensics}")
         with self.lock:
@@ -592,8 +587,8 @@ class _Dispatcher:
                 self.broken = message
             message = self.broken
 
-        line = next((text for text in forensics.splitlines()
-                     if pid is not None and text.startswith(f"worker {pid} ")), None)
+        death = next((d for d in found if pid is not None and d.pid == pid), None)
+        line = str(death) if death is not None else None
         stats = next((w for w in self.table.workers() if w.pid == pid), None)
         numbers = {} if stats is None else {
             "rss": stats.rss, "peak_rss": stats.peak_rss, "tasks": stats.tasks}

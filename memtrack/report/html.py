@@ -11,9 +11,10 @@ from typing import Any
 
 from .. import __version__
 from .._sizes import format_size
+from ..pool.forensics import exit_cell
 from ..profile.insights import Insight, Run
 from .formats import jsonable
-from .text import exit_text, seconds
+from .text import seconds
 
 # Colours for phases (Tableau 10); "no phase" is grey.
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1",
@@ -173,7 +174,7 @@ def render_html(run: Run, found: list[Insight], name: str) -> str:
     worker_table = _html_table(
         ["pid", "state", "tasks", "RSS", "peak RSS", "USS", "PSS", "phase", "exit", "seen"],
         [[w.pid, w.state, w.tasks, format_size(w.rss), format_size(w.max_peak_rss),
-          format_size(w.uss), format_size(w.pss), w.phase, exit_text(w),
+          format_size(w.uss), format_size(w.pss), w.phase, exit_cell(w.exit_code, w.exit_signal),
           f"{seconds(w.first_seen)} - {seconds(w.last_seen)}"] for w in run.workers],
         [True, False, True, True, True, True, True, False, False, False],
         ["bad" if w.state == "killed" or w.exit_signal else "" for w in run.workers],

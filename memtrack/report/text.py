@@ -8,21 +8,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._sizes import format_size
+from ..pool.forensics import exit_cell
 from ..profile.insights import Insight, Run
 
 
 def seconds(t: float | None) -> str:
     """A time in a report's tables: "12.3 s", or "-" when unknown."""
     return "-" if t is None else f"{t:.1f} s"
-
-
-def exit_text(w: Any) -> str:
-    """A worker's end in a report's tables: "signal 9", "code 1" or "-"."""
-    if w.exit_signal:
-        return f"signal {w.exit_signal}"
-    if w.exit_code is not None:
-        return f"code {w.exit_code}"
-    return "-"
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]],
@@ -113,7 +105,7 @@ def render_text(run: Run, found: list[Insight], name: str) -> str:
         out += ["", "Per worker"]
         rows = [[str(w.pid), w.state, "-" if w.tasks is None else str(w.tasks),
                  format_size(w.rss), format_size(w.max_peak_rss), format_size(w.uss),
-                 format_size(w.pss), w.phase or "-", exit_text(w),
+                 format_size(w.pss), w.phase or "-", exit_cell(w.exit_code, w.exit_signal),
                  f"{seconds(w.first_seen)} - {seconds(w.last_seen)}"] for w in run.workers]
         out += _table(["pid", "state", "tasks", "RSS", "peak RSS", "USS", "PSS", "phase", "exit",
                        "seen"], rows,
