@@ -73,7 +73,7 @@ command("info", "this process's readings and capabilities (the default)", _add_i
 
 
 def _register_commands() -> None:
-    from . import demo, report, run, top, workers
+    from . import demo, report, run, serve, top, workers
 
     command("report", "turn a profile into a report: text, json, csv, prometheus or html",
             report.add_report_arguments, report.run_report_command)
@@ -82,6 +82,8 @@ def _register_commands() -> None:
     command("run", "run a command and record the memory of all its processes",
             run.add_run_arguments, run.run_run_command)
     command("top", "live view of a worker table", top.add_top_arguments, top.run_top_command)
+    command("serve", "a worker table live over HTTP: page, Prometheus /metrics, JSON",
+            serve.add_serve_arguments, serve.run_serve_command)
     command("workers", "how many workers this machine can afford",
             workers.add_workers_parser, workers.run_workers_command)
 

@@ -32,6 +32,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capacity", type=int, default=256,
                         help="worker table slots for memtrack-aware children (default 256)")
     parser.add_argument("--quiet", action="store_true", help="no status line and no summary")
+    parser.add_argument("--serve", metavar="HOST:PORT", default=None,
+                        help="serve the run live over HTTP while it runs (memtrack serve)")
+    from .serve import add_address_arguments
+
+    add_address_arguments(parser, option="--serve")
     parser.add_argument("command", nargs=argparse.REMAINDER,
                         help="the command and its arguments, after --")
 
@@ -57,7 +62,8 @@ def _exit_code(returncode: int) -> int:
 
 
 def run_command(command: list[str], output: str, *, interval: float | None = None,
-                capacity: int = 256, quiet: bool = False) -> int:
+                capacity: int = 256, quiet: bool = False, serve: str | None = None,
+                public: bool = False, token: str | None = None) -> int:
     """Run `command` under measurement; returns its exit code (128+N when killed by N)."""
     if command and command[0] == "--":
         command = command[1:]
@@ -71,9 +77,16 @@ def run_command(command: list[str], output: str, *, interval: float | None = Non
         env.pop("MEMTRACK_PROFILE", None)
         # Everything that can fail on bad options fails before the command starts.
         rec = record(output, interval, table=table, command=command)
+        server = None
+        if serve is not None:
+            from .serve import start_for_run
+
+            server = start_for_run(table, serve, public=public, token=token)
         try:
             child = subprocess.Popen(command, env=env)
         except (FileNotFoundError, PermissionError) as e:
+            if server is not None:
+                server.close()
             found = isinstance(e, FileNotFoundError)
             print(f"memtrack run: {'command not found' if found else 'cannot execute'}: "
                   f"{command[0]}", file=sys.stderr)
@@ -109,6 +122,8 @@ def run_command(command: list[str], output: str, *, interval: float | None = Non
             if status is not None:
                 status.join()
             rec.stop()
+            if server is not None:
+                server.close()
     if not quiet:
         _print_summary(output, interrupted)
     return 130 if interrupted and returncode == 0 else _exit_code(returncode)
@@ -127,4 +142,5 @@ def _print_summary(output: str, interrupted: bool) -> None:
 
 def run_run_command(args: argparse.Namespace) -> int:
     return run_command(list(args.command), args.output, interval=args.interval,
-                       capacity=args.capacity, quiet=args.quiet)
+                       capacity=args.capacity, quiet=args.quiet, serve=args.serve,
+                       public=args.public, token=args.token)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import __version__
@@ -213,6 +213,13 @@ def render_prometheus(run: Run, found: list[Insight], profile: Any) -> str:
     family("memtrack_insight_estimated_savings_bytes", "gauge",
            "Bytes a fix for each insight would save at the pool's peak (an estimate).", savings)
 
+    return exposition(families)
+
+
+def exposition(families: Sequence[tuple[str, str, str,
+                                        Sequence[tuple[dict[str, Any], float | int]]]]) -> str:
+    """The Prometheus text exposition of ``(name, type, help, [(labels, value)])`` families:
+    the writer of this report and of ``memtrack serve``'s ``/metrics``."""
     lines = []
     for name, kind, help_text, samples in families:
         lines.append(f"# HELP {name} {help_text}")

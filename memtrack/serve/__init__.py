@@ -7,8 +7,8 @@ The standard library's ``http.server`` does the HTTP; nothing here parses it by 
 
 from __future__ import annotations
 
-from ..table import WorkerTable
-from .server import DEFAULT_HOST, DEFAULT_PORT, Server, ServeError, parse_address
+from ..pool.table import WorkerTable
+from .server import DEFAULT_HOST, DEFAULT_PORT, ServeError, Server, parse_address
 from .source import Reading, Source, TableSource
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "Reading", "ServeError", "Server", "Source",

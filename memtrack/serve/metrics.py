@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
-from ..report import exposition
+from ..report.formats import exposition
 from .source import STATES, Reading
 
 Samples = list[tuple[dict[str, Any], float | int]]

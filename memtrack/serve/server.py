@@ -25,14 +25,13 @@ import secrets
 import socket
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 from .. import __version__
-from ..report import PALETTE
+from ..report.html import PALETTE
 from .live import History
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import render_metrics
@@ -46,8 +45,8 @@ MAX_STREAMS = 32
 KEEPALIVE = 15.0
 
 
-class ServeError(Exception):
-    """The server cannot start as asked (address in use, public without a token...)."""
+class ServeError(ValueError):
+    """The server cannot start as asked (address in use, not loopback without --public...)."""
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -94,14 +93,14 @@ def _load_assets() -> dict[str, tuple[bytes, str]]:
     """The only files the server sends, read once: route -> (bytes, content type)."""
     js = "text/javascript; charset=utf-8"
     return {
-        "/assets/chart.min.js": (_asset("memtrack", "_html", "chart.min.js"), js),
-        "/assets/report.js": (_asset("memtrack", "_html", "report.js"), js),
+        "/assets/chart.min.js": (_asset("memtrack.report", "assets", "chart.min.js"), js),
+        "/assets/report.js": (_asset("memtrack.report", "assets", "report.js"), js),
         "/assets/live.js": (_asset("memtrack.serve", "assets", "live.js"), js),
     }
 
 
 def _page(source: Source, token_query: str) -> bytes:
-    report_page = _asset("memtrack", "_html", "report.html").decode()
+    report_page = _asset("memtrack.report", "assets", "report.html").decode()
     style = re.search(r"<style>.*?</style>", report_page, re.S)
     template = _asset("memtrack.serve", "assets", "live.html").decode()
     values = {
@@ -240,8 +239,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             while True:
                 with history.changed:
-                    history.changed.wait_for(lambda: history.seq != seq or history.closed,
-                                             timeout=KEEPALIVE)
+                    history.changed.wait_for(
+                        lambda last=seq: history.seq != last or history.closed,
+                        timeout=KEEPALIVE)
                     if history.closed:
                         return
                     fresh = history.seq != seq
@@ -402,7 +402,10 @@ class Server:
                       f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
     def start(self) -> Server:
-        """Serve in background threads (daemons); returns self."""
+        """Serve in background threads (daemons); returns self. Once: a second call, or
+        a ``with`` block around a started server, changes nothing."""
+        if self._threads:
+            return self
         for target, name in ((self._sample, "memtrack-serve-sampler"),
                              (self._http.serve_forever, "memtrack-serve-http")):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -412,6 +415,8 @@ class Server:
 
     def serve_forever(self) -> None:
         """Serve in this thread until :meth:`close` (from another thread) or Ctrl-C."""
+        if self._threads:
+            raise RuntimeError("this server is already running (start() was called)")
         sampler = threading.Thread(target=self._sample, name="memtrack-serve-sampler",
                                    daemon=True)
         sampler.start()

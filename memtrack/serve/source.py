@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..table import SHM_DIR, TableError, WorkerTable
+from ..pool.table import SHM_DIR, TableError, WorkerTable
 
 #: The keys of a worker's phase summary, as ``WorkerStats.phases`` holds them.
 PHASE_KEYS = ("count", "total_time", "max_peak_rss", "max_peak_delta", "total_rss_delta")
