@@ -22,10 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_core  # noqa: E402
 import bench_record  # noqa: E402
+import bench_serve  # noqa: E402
 import bench_table  # noqa: E402
 from _timing import HERE, print_section, say, warn_if_busy, write_results  # noqa: E402
 
-SCRIPTS = {"core": bench_core, "table": bench_table, "record": bench_record}
+SCRIPTS = {"core": bench_core, "table": bench_table, "record": bench_record,
+           "serve": bench_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_core.add_arguments(ap)   # --no-syscalls, --no-perf (both parts)
     bench_table.add_arguments(ap)  # --pairs, --stride, --max-workers, --no-perf-table
     bench_record.add_arguments(ap)  # --record-pairs
+    bench_serve.add_arguments(ap)  # --serve-rounds
     args = ap.parse_args(argv)
     if sys.platform != "linux":
         print("the benchmarks measure the Linux implementation; run them on Linux.",

@@ -116,7 +116,14 @@ def render_csv(run: Run) -> str:
 
 def _label(value: Any) -> str:
     text = "" if value is None else str(value)
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    if "\\" in text or "\n" in text or '"' in text:
+        return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return text
+
+
+def label_text(labels: dict[str, Any]) -> str:
+    """``k="v",...`` with each value escaped: a label set rendered once, for reuse."""
+    return ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
 
 
 def _number(value: float | int) -> str:
@@ -217,15 +224,19 @@ def render_prometheus(run: Run, found: list[Insight], profile: Any) -> str:
 
 
 def exposition(families: Sequence[tuple[str, str, str,
-                                        Sequence[tuple[dict[str, Any], float | int]]]]) -> str:
+                                        Sequence[tuple[dict[str, Any] | str, float | int]]]]
+               ) -> str:
     """The Prometheus text exposition of ``(name, type, help, [(labels, value)])`` families:
-    the writer of this report and of ``memtrack serve``'s ``/metrics``."""
-    lines = []
+    the writer of this report and of ``memtrack serve``'s ``/metrics``. ``labels`` is a
+    dict, or the text :func:`label_text` made of one (a live scrape renders each worker's
+    labels once, not once per family)."""
+    lines: list[str] = []
+    append = lines.append
     for name, kind, help_text, samples in families:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
+        append(f"# HELP {name} {help_text}")
+        append(f"# TYPE {name} {kind}")
         for labels, value in samples:
-            text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            lines.append(f"{name}{{{text}}} {_number(value)}" if text
-                         else f"{name} {_number(value)}")
+            text = labels if isinstance(labels, str) else label_text(labels)
+            number = str(value) if type(value) is int else _number(value)
+            append(f"{name}{{{text}}} {number}" if text else f"{name} {number}")
     return "\n".join(lines) + "\n"

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
-from ..report.formats import exposition
+from ..report.formats import _label, exposition, label_text
 from .source import STATES, Reading
 
-Samples = list[tuple[dict[str, Any], float | int]]
+Samples = list[tuple[dict[str, Any] | str, float | int]]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -74,18 +74,13 @@ def render_metrics(reading: Reading, *, source_name: str, kind: str,
            [({}, t["peak_rss"])])
 
     readable = [w for w in workers if w["state"] != "corrupt"]
+    # Each worker's label text is made once per scrape, not once per family.
+    own = [label_text(labels(w)) for w in readable]
+    in_phase = [f'{base},phase="{_label(w["phase"] or "")}"' for base, w in zip(own, readable)]
 
     def per_worker(key: str, with_phase: bool = True) -> Samples:
-        out: Samples = []
-        for w in readable:
-            value = w[key]
-            if value is None:
-                continue
-            label = labels(w)
-            if with_phase:
-                label = {**label, "phase": w["phase"] or ""}
-            out.append((label, value))
-        return out
+        texts = in_phase if with_phase else own
+        return [(text, w[key]) for text, w in zip(texts, readable) if w[key] is not None]
 
     family("memtrack_worker_rss_bytes", "gauge",
            "Resident memory of each worker at its last reading, with the phase it was in.",
@@ -102,11 +97,12 @@ def render_metrics(reading: Reading, *, source_name: str, kind: str,
            per_worker("tasks", with_phase=False))
     family("memtrack_worker_alive", "gauge",
            "1 while a worker is alive (idle or running), 0 once it exited or was killed.",
-           [(labels(w), 1 if w["state"] in ("idle", "running") else 0) for w in readable])
+           [(text, 1 if w["state"] in ("idle", "running") else 0)
+            for text, w in zip(own, readable)])
     family("memtrack_worker_phase_peak_rss_bytes", "gauge",
            "Peak resident memory of each worker in each phase.",
-           [({**labels(w), "phase": path}, s["max_peak_rss"])
-            for w in readable for path, s in sorted(w["phases"].items())])
+           [(f'{text},phase="{_label(path)}"', s["max_peak_rss"])
+            for text, w in zip(own, readable) for path, s in sorted(w["phases"].items())])
 
     phases = sorted(phase_totals(readable).items())
     family("memtrack_phase_runs_total", "counter", "Completed runs of each phase, all workers.",

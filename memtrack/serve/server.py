@@ -137,6 +137,9 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = f"memtrack/{__version__}"
     #: Seconds a client may take to send its request (or to read what we send).
     timeout = 30
+    #: Headers and body go out as separate writes: without this, Nagle's algorithm holds
+    #: the body back until the client's delayed ACK (tens of ms per scrape).
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         if self.server.app.verbose:
