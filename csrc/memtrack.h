@@ -17,6 +17,7 @@
 #include <threads.h>
 
 #include "platform/platform.h"
+#include "summary.h"
 
 #define MT_VERSION "0.1.0"
 
@@ -118,6 +119,7 @@ PyObject *mt_reset(PyObject *module, PyObject *unused);
 PyObject *mt_configure(PyObject *module, PyObject *args, PyObject *kwargs);
 PyObject *mt_pack_phase_records(PyObject *module, PyObject *unused);
 PyObject *mt_phase_counters(PyObject *module, PyObject *unused);
+PyObject *mt_phase_summary_new(mt_state *st, const mt_phase_totals *t);
 
 /* ------------------------------------------------------------------------ */
 /* table/: the worker table. worker.c (this process's slot) and reader.c. */
@@ -135,6 +137,13 @@ typedef struct {
 } mt_worker_exit;
 
 
+/* The reader the recorder (sampler.c) reads a table through: Python-free,
+ * so its native thread calls it without the GIL. It owns its mapping (the
+ * capacity and size copied once at open and never re-read), the pidfd
+ * watches of the slot owners and one snapshot buffer. Not thread-safe: one
+ * thread uses a reader at a time. */
+typedef struct mt_reader mt_reader;
+
 /* What the recorder needs of a slot. */
 typedef struct {
     uint32_t slot;
@@ -145,16 +154,32 @@ typedef struct {
     double last_task_time, joined;
     int has_exit_code, has_exit_signal;
     int32_t exit_code, exit_signal;
-    char phase[256];
+    char phase[256]; /* valid UTF-8: invalid bytes became U+FFFD (cut to fit) */
 } mt_worker_view;
 
-#define MT_SLOT_BYTES 8192 /* a slot; mt_seg_view copies one into `scratch` */
+/* NULL on failure: *why says what is wrong with the table (a static
+ * string), or is NULL and *e holds the OS error. */
+mt_reader *mt_reader_open(const char *name, const char **why, mt_oserr *e);
+void mt_reader_close(mt_reader *r);
+uint32_t mt_reader_capacity(const mt_reader *r);
+/* One snapshot of every claimed slot, within the reader's time budget (it
+ * may sleep: call it without the GIL). 0, or -1 when the table is damaged
+ * (resized or its header rewritten): nothing of it can be trusted. */
+int mt_reader_scan(mt_reader *r);
+/* Slot i of the last scan: 0 a worker (liveness settled), 1 free or busy,
+ * -1 corrupt. */
+int mt_reader_view(mt_reader *r, uint32_t i, mt_worker_view *v);
+/* The largest peak of slot i since the previous call (0: none). */
+uint64_t mt_reader_take_window(mt_reader *r, uint32_t i);
 
-void *mt_seg_attach(const char *name, size_t *size, const char **why, mt_oserr *e);
-uint32_t mt_seg_capacity(const void *seg);
-/* 0: a claimed slot (liveness settled), 1: free, -1: corrupt. */
-int mt_seg_view(void *seg, uint32_t i, mt_watch *w, void *scratch, mt_worker_view *v);
-uint64_t mt_seg_take_window(void *seg, uint32_t i);
+/* The pool's memory as one figure: a process's pss once it has been read,
+ * its rss before that (pss 0 means not read yet). totals() and the
+ * recorder's pool records both use it. */
+static inline uint64_t
+mt_pool_memory(uint64_t pss, uint64_t rss)
+{
+    return pss ? pss : rss;
+}
 
 int mt_worker_init(void);
 void mt_worker_after_fork_child(void);
@@ -162,6 +187,7 @@ int mt_worker_joined_locked(void);
 void mt_worker_on_enter_locked(const char *path, size_t len, uint32_t depth, uint64_t rss);
 void mt_worker_on_exit_locked(const mt_worker_exit *x, int *entry_cache, uint32_t *entry_gen);
 extern PyType_Spec mt_segment_spec;
+extern PyType_Spec mt_worker_stats_spec; /* table/reader.c: a view of one slot */
 extern PyType_Spec mt_recorder_spec; /* sampler.c */
 PyObject *mt_worker_join(PyObject *module, PyObject *name);
 PyObject *mt_worker_rejoin(PyObject *module, PyObject *unused);

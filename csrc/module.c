@@ -143,33 +143,6 @@ static PyStructSequence_Field phase_summary_fields[] = {
     {NULL, NULL},
 };
 
-static PyStructSequence_Field worker_stats_fields[] = {
-    {"pid", "process id of the worker"},
-    {"state", "'idle', 'running', 'exited', 'killed', or 'corrupt' (see error)"},
-    {"phase", "path of the phase it is in (or died in), '' between phases"},
-    {"depth", "nesting depth of that phase"},
-    {"rss", "last resident set size, bytes"},
-    {"peak_rss", "largest rss since the worker joined, bytes"},
-    {"uss", "private memory at the last heartbeat, bytes (0 before the first)"},
-    {"pss", "proportional memory at the last heartbeat, bytes (0 before the first)"},
-    {"heap_used", "malloc heap in use, bytes"},
-    {"tasks", "outermost phases ended plus task_done() calls"},
-    {"updated", "time.monotonic() of the last update"},
-    {"exit_code", "exit status when known, else None"},
-    {"exit_signal", "the signal that killed it when known, else None"},
-    {"phases", "{path: PhaseSummary} of this worker"},
-    {"slot", "index of its slot in the table"},
-    {"joined", "time.monotonic() when it joined"},
-    {"phase_truncated", "True when phase was cut to fit the slot"},
-    {"phase_overflow", "phase ends not summarised: the slot had no room for their path"},
-    {"error", "why this slot could not be read fully, else None"},
-    {NULL, NULL},
-};
-
-static PyStructSequence_Desc worker_stats_desc = {
-    "memtrack.WorkerStats", "WorkerStats: one worker of a WorkerTable, as its slot last said.",
-    worker_stats_fields, 19};
-
 static PyStructSequence_Desc sample_desc = {
     "memtrack.Sample", "Sample: one reading of this process's memory (bytes unless said).",
     sample_fields, 12};
@@ -258,7 +231,7 @@ static PyMethodDef module_methods[] = {
     {"task_done", mt_worker_task_done, METH_NOARGS, "task_done(): count a task."},
     {"worker_info", mt_worker_info, METH_NOARGS, "worker_info() -> (name, slot) or None."},
     {"set_heartbeat", mt_worker_set_heartbeat, METH_O, "set_heartbeat(seconds); 0 disables."},
-    {"segment_creator", mt_segment_creator, METH_O, "segment_creator(name) -> (pid, start)."},
+    {"segment_creator", mt_segment_creator, METH_O, "segment_creator(name) -> (pid, start, same_namespace, damage)."},
     {"proc_identity", mt_proc_identity, METH_O, "proc_identity(pid) -> (state, start_time)."},
     {"unlink_segment", mt_unlink_segment, METH_O, "unlink_segment(name)."},
     {NULL, NULL, 0, NULL},
@@ -287,12 +260,17 @@ module_exec(PyObject *module)
     if (add_type(module, &st->Sample, &sample_desc) < 0 ||
         add_type(module, &st->Footprint, &footprint_desc) < 0 ||
         add_type(module, &st->PhaseStats, &phase_stats_desc) < 0 ||
-        add_type(module, &st->PhaseSummary, &phase_summary_desc) < 0 ||
-        add_type(module, &st->WorkerStats, &worker_stats_desc) < 0) {
+        add_type(module, &st->PhaseSummary, &phase_summary_desc) < 0) {
         return -1;
     }
     st->Phase = (PyTypeObject *)PyType_FromModuleAndSpec(module, &mt_phase_spec, NULL);
     if (st->Phase == NULL || PyModule_AddObjectRef(module, "Phase", (PyObject *)st->Phase) < 0) {
+        return -1;
+    }
+    st->WorkerStats =
+        (PyTypeObject *)PyType_FromModuleAndSpec(module, &mt_worker_stats_spec, NULL);
+    if (st->WorkerStats == NULL ||
+        PyModule_AddObjectRef(module, "WorkerStats", (PyObject *)st->WorkerStats) < 0) {
         return -1;
     }
     st->Segment = (PyTypeObject *)PyType_FromModuleAndSpec(module, &mt_segment_spec, NULL);

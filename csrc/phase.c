@@ -28,11 +28,7 @@ typedef struct {
     char *path; /* malloc'd, never freed */
     size_t path_len;
     /* The summary of this path. */
-    uint64_t count;
-    double total_time;
-    uint64_t max_peak_rss;
-    uint64_t max_peak_delta;
-    int64_t total_rss_delta;
+    mt_phase_totals totals;
     /* Index of this path's entry in the worker slot, valid for slot_gen. */
     int slot_entry;
     uint32_t slot_gen;
@@ -295,16 +291,7 @@ static void
 record_locked(const mt_record *r)
 {
     mt_path *p = &ph.paths[r->path_id];
-    uint64_t delta = r->peak_rss > r->rss_start ? r->peak_rss - r->rss_start : 0;
-    p->count++;
-    p->total_time += r->duration;
-    if (r->peak_rss > p->max_peak_rss) {
-        p->max_peak_rss = r->peak_rss;
-    }
-    if (delta > p->max_peak_delta) {
-        p->max_peak_delta = delta;
-    }
-    p->total_rss_delta += (int64_t)r->rss_end - (int64_t)r->rss_start;
+    mt_phase_totals_add(&p->totals, r->duration, r->rss_start, r->rss_end, r->peak_rss);
     ph.completed++;
 
     if (ph.ring == NULL && ph.ring_cap != 0) {
@@ -351,10 +338,7 @@ mt_phase_after_fork_child(void)
     tls_top = NULL; /* this runs in the forking thread, the only one left */
     for (uint32_t id = 0; id < ph.npaths; id++) {
         mt_path *p = &ph.paths[id];
-        p->count = 0;
-        p->total_time = 0;
-        p->max_peak_rss = p->max_peak_delta = 0;
-        p->total_rss_delta = 0;
+        memset(&p->totals, 0, sizeof p->totals);
     }
     ph.ring_head = ph.ring_count = 0;
     ph.dropped = 0;
@@ -829,6 +813,34 @@ PyType_Spec mt_watch_spec = {
 /* ------------------------------------------------------------------------ */
 /* Aggregates                                                                */
 
+/* A PhaseSummary of `t`: the one place totals become Python objects (the
+ * process's summary() here, a worker slot's summary in table/reader.c). */
+PyObject *
+mt_phase_summary_new(mt_state *st, const mt_phase_totals *t)
+{
+    PyObject *s = PyStructSequence_New(st->PhaseSummary);
+    if (s == NULL) {
+        return NULL;
+    }
+    PyObject *items[] = {
+        PyLong_FromUnsignedLongLong(t->count),
+        PyFloat_FromDouble(t->total_time),
+        PyLong_FromUnsignedLongLong(t->max_peak_rss),
+        PyLong_FromUnsignedLongLong(t->max_peak_delta),
+        PyLong_FromLongLong(t->total_rss_delta),
+        PyFloat_FromDouble(t->count ? (double)t->total_rss_delta / (double)t->count : 0.0),
+    };
+    int bad = 0;
+    for (int j = 0; j < 6; j++) {
+        bad |= items[j] == NULL;
+        PyStructSequence_SET_ITEM(s, j, items[j] ? items[j] : Py_NewRef(Py_None));
+    }
+    if (bad) {
+        Py_CLEAR(s);
+    }
+    return s;
+}
+
 PyObject *
 mt_summary(PyObject *module, PyObject *unused)
 {
@@ -841,7 +853,7 @@ mt_summary(PyObject *module, PyObject *unused)
     copy = malloc((ph.npaths ? ph.npaths : 1) * sizeof *copy);
     if (copy != NULL) {
         for (uint32_t id = 1; id < ph.npaths; id++) {
-            if (ph.paths[id].count != 0 && ph.paths[id].parent != ERROR_PARENT) {
+            if (ph.paths[id].totals.count != 0 && ph.paths[id].parent != ERROR_PARENT) {
                 copy[n++] = ph.paths[id];
             }
         }
@@ -853,30 +865,13 @@ mt_summary(PyObject *module, PyObject *unused)
     result = PyDict_New();
     for (uint32_t i = 0; result != NULL && i < n; i++) {
         const mt_path *p = &copy[i];
-        PyObject *s = PyStructSequence_New(st->PhaseSummary);
+        PyObject *s = mt_phase_summary_new(st, &p->totals);
         PyObject *key = PyUnicode_DecodeUTF8(p->path, p->path_len, "replace");
-        if (s == NULL || key == NULL) {
-            Py_XDECREF(s);
-            Py_XDECREF(key);
-            Py_CLEAR(result);
-            break;
-        }
-        PyStructSequence_SET_ITEM(s, 0, PyLong_FromUnsignedLongLong(p->count));
-        PyStructSequence_SET_ITEM(s, 1, PyFloat_FromDouble(p->total_time));
-        PyStructSequence_SET_ITEM(s, 2, PyLong_FromUnsignedLongLong(p->max_peak_rss));
-        PyStructSequence_SET_ITEM(s, 3, PyLong_FromUnsignedLongLong(p->max_peak_delta));
-        PyStructSequence_SET_ITEM(s, 4, PyLong_FromLongLong(p->total_rss_delta));
-        PyStructSequence_SET_ITEM(
-            s, 5, PyFloat_FromDouble((double)p->total_rss_delta / (double)p->count));
-        int bad = 0;
-        for (int j = 0; j < 6; j++) {
-            bad |= PyStructSequence_GET_ITEM(s, j) == NULL;
-        }
-        if (bad || PyDict_SetItem(result, key, s) < 0) {
+        if (s == NULL || key == NULL || PyDict_SetItem(result, key, s) < 0) {
             Py_CLEAR(result);
         }
-        Py_DECREF(s);
-        Py_DECREF(key);
+        Py_XDECREF(s);
+        Py_XDECREF(key);
     }
     free(copy);
     return result;
@@ -934,10 +929,7 @@ mt_reset(PyObject *module, PyObject *unused)
     mtx_lock(&mt_phase_lock);
     for (uint32_t id = 0; id < ph.npaths; id++) {
         mt_path *p = &ph.paths[id];
-        p->count = 0;
-        p->total_time = 0;
-        p->max_peak_rss = p->max_peak_delta = 0;
-        p->total_rss_delta = 0;
+        memset(&p->totals, 0, sizeof p->totals);
     }
     ph.ring_head = ph.ring_count = 0;
     ph.dropped = 0;

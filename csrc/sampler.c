@@ -41,13 +41,10 @@ typedef struct {
     double interval;
     int pss_every;
     long root_pid;
-    void *seg;
-    size_t seg_size;
+    mt_reader *table; /* NULL: no table */
     uint32_t capacity;
-    /* Owned by the thread while it runs. */
-    mt_watch *watch;
+    /* Owned by the thread while it runs (the reader too). */
     mt_seen_slot *seen;
-    void *scratch;
     mt_worker_view view;
     mt_seen_proc *procs;
     size_t nprocs;
@@ -152,14 +149,17 @@ sample_workers(RecorderObject *r, double now, mt_pool *pool)
 {
     int rc = 0;
     mt_worker_view *v = &r->view;
+    if (mt_reader_scan(r->table) < 0) {
+        return 0; /* damaged: no worker samples, the pool record says none live */
+    }
     for (uint32_t i = 0; i < r->capacity; i++) {
         mt_seen_slot *seen = &r->seen[i];
-        int st = mt_seg_view(r->seg, i, &r->watch[i], r->scratch, v);
+        int st = mt_reader_view(r->table, i, v);
         if (st != 0) {
-            seen->pid = st == 1 ? 0 : seen->pid; /* freed; corrupt: keep */
+            seen->pid = st == 1 ? 0 : seen->pid; /* freed or busy; corrupt: keep */
             continue;
         }
-        uint64_t window = mt_seg_take_window(r->seg, i);
+        uint64_t window = mt_reader_take_window(r->table, i);
         if (seen->pid != v->pid) { /* a new owner */
             rc |= pack_event(r->pk, v->joined, "join", v, (long)v->pid, v->phase, v->rss,
                              v->peak_rss);
@@ -173,7 +173,7 @@ sample_workers(RecorderObject *r, double now, mt_pool *pool)
                               v->pss != 0, v->pss, v->uss, v->phase);
             pool->live++;
             pool->rss += v->rss;
-            pool->pss += v->pss ? v->pss : v->rss;
+            pool->pss += mt_pool_memory(v->pss, v->rss);
             pool->peak += window > v->rss ? window : v->rss;
         }
         if (v->tasks > seen->tasks) {
@@ -269,7 +269,7 @@ sample_tree(RecorderObject *r, double now, mt_pool *pool)
         }
         pool->live++;
         pool->rss += rss;
-        pool->pss += p->have_pss ? p->pss : rss;
+        pool->pss += mt_pool_memory(p->have_pss ? p->pss : 0, rss);
         pool->peak += rss; /* another process's mark is its lifetime peak: use rss */
     }
     /* The ones that left since the previous round. */
@@ -317,13 +317,13 @@ sample_round(RecorderObject *r)
     double now = mt_os_monotonic();
     mt_pool pool = {0};
     int rc = sample_self(r, now);
-    if (r->seg != NULL) {
+    if (r->table != NULL) {
         rc |= sample_workers(r, now, &pool);
     }
     if (r->root_pid > 0) {
         rc |= sample_tree(r, now, &pool);
     }
-    if (r->seg != NULL || r->root_pid > 0) {
+    if (r->table != NULL || r->root_pid > 0) {
         rc |= mt_pack_map(r->pk, 6);
         rc |= mt_pack_key(r->pk, "t") | mt_pack_key(r->pk, "pool");
         rc |= mt_pack_key(r->pk, "time") | mt_pack_double(r->pk, now);
@@ -388,26 +388,16 @@ recorder_main(void *arg)
 static void
 free_buffers(RecorderObject *r)
 {
-    if (r->watch != NULL) {
-        for (uint32_t i = 0; i < r->capacity; i++) {
-            mt_os_close(r->watch[i].fd);
-        }
-    }
-    PyMem_RawFree(r->watch);
     PyMem_RawFree(r->seen);
-    PyMem_RawFree(r->scratch);
     PyMem_RawFree(r->procs);
     PyMem_RawFree(r->tree);
-    r->watch = NULL;
     r->seen = NULL;
-    r->scratch = r->procs = NULL;
+    r->procs = NULL;
     r->tree = NULL;
     mt_packer_free(r->pk);
     r->pk = NULL;
-    if (r->seg != NULL) {
-        mt_os_shm_detach(r->seg, r->seg_size);
-        r->seg = NULL;
-    }
+    mt_reader_close(r->table);
+    r->table = NULL;
 }
 
 static int
@@ -445,10 +435,9 @@ recorder_init(RecorderObject *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     self->pk = mt_packer_new();
-    self->scratch = PyMem_RawMalloc(MT_SLOT_BYTES);
     self->procs = PyMem_RawCalloc(MAX_PROCS, sizeof *self->procs);
     self->tree = PyMem_RawCalloc(MAX_PROCS, sizeof *self->tree);
-    if (self->pk == NULL || self->scratch == NULL || self->procs == NULL || self->tree == NULL) {
+    if (self->pk == NULL || self->procs == NULL || self->tree == NULL) {
         free_buffers(self);
         PyErr_NoMemory();
         return -1;
@@ -456,8 +445,8 @@ recorder_init(RecorderObject *self, PyObject *args, PyObject *kwds)
     if (table != NULL) {
         const char *why;
         mt_oserr e;
-        self->seg = mt_seg_attach(table, &self->seg_size, &why, &e);
-        if (self->seg == NULL) {
+        self->table = mt_reader_open(table, &why, &e);
+        if (self->table == NULL) {
             free_buffers(self);
             if (why != NULL) {
                 mt_state *st = mt_state_from_type(Py_TYPE(self));
@@ -470,16 +459,12 @@ recorder_init(RecorderObject *self, PyObject *args, PyObject *kwds)
             }
             return -1;
         }
-        self->capacity = mt_seg_capacity(self->seg);
-        self->watch = PyMem_RawCalloc(self->capacity, sizeof *self->watch);
+        self->capacity = mt_reader_capacity(self->table);
         self->seen = PyMem_RawCalloc(self->capacity, sizeof *self->seen);
-        if (self->watch == NULL || self->seen == NULL) {
+        if (self->seen == NULL) {
             free_buffers(self);
             PyErr_NoMemory();
             return -1;
-        }
-        for (uint32_t i = 0; i < self->capacity; i++) {
-            self->watch[i].fd = -1;
         }
     }
     return 0;

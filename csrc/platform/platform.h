@@ -54,16 +54,6 @@ enum {
     MT_LACKS_PEAK_RESET = 1 << 5,
 };
 
-/* A reader's watch on one slot owner (table/reader.c): a pidfd for the exact
- * process it verified, so a reused pid never passes for the owner. */
-typedef struct {
-    int fd; /* -1: none */
-    int64_t pid;
-    uint64_t start_time;
-    int polled; /* alive was set by one poll() over all watches */
-    int alive;
-} mt_watch;
-
 int mt_os_init(mt_oserr *e);       /* open the descriptors kept open */
 void mt_os_after_fork_child(void); /* reopen them in a forked child */
 int mt_os_register_atfork(void (*prepare)(void), void (*parent)(void), void (*child)(void));
@@ -83,11 +73,33 @@ void mt_os_sleep(double seconds);
 double mt_os_wall_time(void);
 uint64_t mt_os_pid_namespace(void);
 int mt_os_random(void *buf, size_t n, mt_oserr *e);
-/* Shared segments: create (mode 0600, must not exist), attach, detach, unlink. */
-int mt_os_shm_create(const char *name, size_t size, void **addr, mt_oserr *e);
-int mt_os_shm_attach(const char *name, void **addr, size_t *size, mt_oserr *e);
+/* Shared segments: create (mode 0600, must not exist; *fd stays open for
+ * the caller to close), open an existing one without mapping it (non-blocking,
+ * no symlinks: its owner and shape are checked before anything maps it), map
+ * an open one, detach, unlink. */
+typedef struct {
+    uint64_t size;
+    uint32_t uid;
+    uint32_t mode;  /* permission bits */
+    int regular;    /* a regular file (not a FIFO, socket, device ...) */
+} mt_file_info;
+int mt_os_shm_create(const char *name, size_t size, void **addr, int *fd, mt_oserr *e);
+int mt_os_shm_open(const char *name, int *fd, mt_file_info *info, mt_oserr *e);
+int mt_os_shm_map(int fd, size_t size, void **addr, const char *name, mt_oserr *e);
 void mt_os_shm_detach(void *addr, size_t size);
 int mt_os_shm_unlink(const char *name, mt_oserr *e);
+int mt_os_fd_info(int fd, mt_file_info *info); /* 0, or -1 when fstat fails */
+/* Read up to n bytes at offset: the count read (short at end of file), -1. */
+long mt_os_pread(int fd, void *buf, size_t n, uint64_t offset);
+uint32_t mt_os_uid(void);                      /* the effective uid */
+/* A bound no memory size of this machine can exceed: RAM + swap, rounded up
+ * to a power of two (0 when unknown). */
+uint64_t mt_os_memory_bound(void);
+/* Run fn(arg) so that a SIGBUS it takes (a shared file shrunk under its
+ * mapping by another process) returns 1 instead of killing the process;
+ * 0 when fn ran to its end. A SIGBUS outside a guard goes to whatever
+ * handler was installed before. Guards nest per thread. */
+int mt_os_guarded(void (*fn)(void *), void *arg);
 /* Other processes. */
 enum { MT_PROC_GONE = 0, MT_PROC_ALIVE = 1, MT_PROC_ZOMBIE = 2 };
 int mt_os_proc_identity(long pid, uint64_t *start_time);
@@ -99,8 +111,13 @@ int mt_os_children(long pid, long *out, size_t *n, size_t max);
 int mt_os_write_all(int fd, const char *buf, size_t len, mt_oserr *e);
 int mt_os_pidfd_open(long pid);
 int mt_os_pidfd_alive(int fd);
-/* Ask every watch with a pidfd at once; sets polled and alive. */
-void mt_os_pidfds_poll(mt_watch *watches, size_t n);
 void mt_os_close(int fd);
+/* One epoll set of pidfds: a pidfd becomes ready when its process exits, so
+ * one mt_os_epoll_ready() call (never blocking) names every owner that died
+ * since the last call, however many are watched. Keys are the caller's. */
+int mt_os_epoll_new(void); /* -1 when the kernel lacks epoll */
+int mt_os_epoll_add(int ep, int fd, uint64_t key);
+void mt_os_epoll_del(int ep, int fd);
+int mt_os_epoll_ready(int ep, uint64_t *keys, int max); /* keys filled, or -1 */
 
 #endif /* MEMTRACK_PLATFORM_H */

@@ -22,6 +22,7 @@ raise_window(mt_slot *s, uint64_t value)
 static struct {
     mt_seg_header *seg;
     size_t size;
+    uint32_t capacity; /* copied at join: never re-read from the segment */
     char name[256];
     mt_slot *slot; /* NULL: not joined (or the table was full) */
     uint32_t index;
@@ -56,72 +57,96 @@ init_slot(mt_slot *s, long pid, uint64_t start)
     s->pid = pid;
     s->start_time = start;
     s->state = SLOT_IDLE;
+    s->role = ROLE_WORKER;
     s->joined = s->updated = mt_os_monotonic();
 }
 
-/* Claim a free slot, else the oldest dead one. phase_lock held. */
+/* Take slot s from `expected` (0: free, else its dead owner) and initialise
+ * it. The write begins first, so that a counter left odd by a dead owner is
+ * taken over while the claim word still names that owner; the claim word is
+ * then moved by CAS, so two claimants never both win. -1 when another writer
+ * is mid-write (and not proven dead) or another claimant won. Never waits. */
 static int
-claim_locked(mt_seg_header *h, uint32_t *index)
+take_slot(mt_slot *s, int64_t expected, long pid, uint64_t start)
+{
+    if (foreign_write_begin(s) < 0) {
+        return -1;
+    }
+    if (!atomic_compare_exchange_strong(&s->owner, &expected, (int64_t)pid)) {
+        write_end(s);
+        return -1;
+    }
+    init_slot(s, pid, start);
+    write_end(s);
+    return 0;
+}
+
+/* Claim a free slot, else the oldest dead one. phase_lock held. Never
+ * waits for another slot: a slot being written is skipped. */
+static int
+claim_locked(mt_seg_header *h, uint32_t capacity, uint32_t *index)
 {
     long pid;
     uint64_t start;
     self_identity(&pid, &start);
-    for (uint32_t i = 0; i < h->capacity; i++) {
+    for (uint32_t i = 0; i < capacity; i++) {
         mt_slot *s = SLOT_AT(h, i);
-        int64_t expected = 0;
         if (atomic_load_explicit(&s->owner, memory_order_relaxed) == 0 &&
-            atomic_compare_exchange_strong(&s->owner, &expected, (int64_t)pid)) {
-            if (foreign_write_begin(s) < 0) {
-                atomic_store(&s->owner, 0); /* give the claim back */
-                continue;
-            }
-            init_slot(s, pid, start);
-            write_end(s);
+            take_slot(s, 0, pid, start) == 0) {
             *index = i;
             return 0;
         }
     }
-    /* Full: reuse the dead slot that was updated longest ago. */
-    for (int attempt = 0; attempt < 4; attempt++) {
+    /* Full: reuse the dead slot that was updated longest ago. A slot is
+     * dead when its owner (pid + start time) is proven gone, or when the
+     * owner itself marked it exited (it gave the slot up). */
+    mt_slot *copy = malloc(sizeof *copy);
+    int rc = -1;
+    if (copy == NULL) {
+        return -1;
+    }
+    for (int attempt = 0; attempt < 4 && rc < 0; attempt++) {
         int64_t best_owner = 0;
         uint32_t best = 0;
         double best_updated = 0;
-        mt_slot copy;
-        for (uint32_t i = 0; i < h->capacity; i++) {
+        for (uint32_t i = 0; i < capacity; i++) {
             mt_slot *s = SLOT_AT(h, i);
-            read_slot(s, &copy);
+            uint64_t seq;
             int64_t owner = atomic_load(&s->owner);
-            if (owner == 0 || (owner == pid && copy.state != SLOT_EXITED)) {
+            if (owner == 0) {
                 continue;
             }
-            int dead = copy.state == SLOT_EXITED || copy.state == SLOT_KILLED ||
-                       copy.state > SLOT_KILLED || owner_dead(&copy);
-            if (owner == pid) {
-                copy.updated = -1; /* our own slot, left earlier: take it back first */
+            int torn = try_read_slot(s, copy, &seq) != 0;
+            if (torn) {
+                read_slot_torn(s, copy);
             }
-            if (dead && (best_owner == 0 || copy.updated < best_updated)) {
+            if (owner == pid && (torn || copy->state != SLOT_EXITED)) {
+                continue;
+            }
+            int dead = (!torn && copy->state == SLOT_EXITED) ||
+                       process_dead(copy->pid, copy->start_time);
+            if (!(copy->updated == copy->updated)) {
+                copy->updated = 0; /* a NaN orders nothing: take it first */
+            }
+            if (owner == pid) {
+                copy->updated = -1; /* our own slot, left earlier: take it back first */
+            }
+            if (dead && (best_owner == 0 || copy->updated < best_updated)) {
                 best_owner = owner;
                 best = i;
-                best_updated = copy.updated;
+                best_updated = copy->updated;
             }
         }
         if (best_owner == 0) {
-            return -1;
+            break;
         }
-        mt_slot *s = SLOT_AT(h, best);
-        int64_t dead_owner = best_owner;
-        if (atomic_compare_exchange_strong(&s->owner, &best_owner, (int64_t)pid)) {
-            if (foreign_write_begin(s) < 0) {
-                atomic_store(&s->owner, dead_owner); /* give it back as it was */
-                return -1;
-            }
-            init_slot(s, pid, start);
-            write_end(s);
+        if (take_slot(SLOT_AT(h, best), best_owner, pid, start) == 0) {
             *index = best;
-            return 0;
+            rc = 0;
         }
     }
-    return -1;
+    free(copy);
+    return rc;
 }
 
 static int
@@ -169,6 +194,7 @@ heartbeat_main(void *unused)
             if (have_fp) {
                 s->uss = fp.uss;
                 s->pss = fp.pss;
+                s->pss_rss = rss;
             }
             s->heap_used = heap;
             s->updated = mt_os_monotonic();
@@ -217,6 +243,15 @@ stop_heartbeat(void)
     thrd_join(t, NULL);
 }
 
+/* From Python: the join waits up to one heartbeat's write, so it waits
+ * without the GIL (the heartbeat thread never takes the GIL). */
+static void
+stop_heartbeat_released(void)
+{
+    Py_BEGIN_ALLOW_THREADS stop_heartbeat();
+    Py_END_ALLOW_THREADS
+}
+
 int
 mt_worker_init(void)
 {
@@ -240,6 +275,19 @@ mt_worker_after_fork_child(void)
     }
 }
 
+/* The current phase path, with its full length and whether it was cut. */
+static void
+set_phase(mt_slot *s, const char *path, size_t len)
+{
+    if (copy_path(s->phase, SLOT_PATH, path, len)) {
+        s->flags |= FLAG_PHASE_CUT;
+    }
+    else {
+        s->flags &= ~(uint32_t)FLAG_PHASE_CUT;
+    }
+    s->phase_len = (uint32_t)len;
+}
+
 /* Phase hooks (phase_lock held): keep the slot in step with the phases. */
 void
 mt_worker_on_enter_locked(const char *path, size_t len, uint32_t depth, uint64_t rss)
@@ -253,7 +301,7 @@ mt_worker_on_enter_locked(const char *path, size_t len, uint32_t depth, uint64_t
     }
     write_begin(s);
     s->state = SLOT_RUNNING;
-    copy_path(s->phase, SLOT_PATH, path, len, &s->flags);
+    set_phase(s, path, len);
     s->depth = depth;
     s->rss = rss;
     if (rss > s->peak_rss) {
@@ -264,23 +312,27 @@ mt_worker_on_enter_locked(const char *path, size_t len, uint32_t depth, uint64_t
     write_end(s);
 }
 
-/* Find or add the summary entry of a path; -1 when the slot has no room. */
+/* Find or add the summary entry of a path; -1 when the slot has no room.
+ * An entry is the full path's hash and length: paths cut to the same text
+ * stay apart. */
 static int
 phase_entry_locked(mt_slot *s, const char *path, size_t len)
 {
-    char cut[SUMMARY_PATH];
-    copy_path(cut, sizeof cut, path, len, NULL);
+    uint64_t hash = mt_path_hash(path, len);
     uint32_t n = s->nphases < SLOT_PHASES ? s->nphases : SLOT_PHASES;
     for (uint32_t i = 0; i < n; i++) {
-        if (memcmp(s->phases[i].path, cut, SUMMARY_PATH) == 0) {
+        if (s->phases[i].path_hash == hash && s->phases[i].path_len == len) {
             return (int)i;
         }
     }
     if (n == SLOT_PHASES) {
         return -1;
     }
-    memset(&s->phases[n], 0, sizeof s->phases[n]);
-    memcpy(s->phases[n].path, cut, SUMMARY_PATH);
+    mt_slot_phase *p = &s->phases[n];
+    memset(p, 0, sizeof *p);
+    copy_path(p->path, SUMMARY_PATH, path, len);
+    p->path_len = (uint32_t)len;
+    p->path_hash = hash;
     s->nphases = n + 1;
     return (int)n;
 }
@@ -294,7 +346,7 @@ mt_worker_on_exit_locked(const mt_worker_exit *x, int *entry_cache, uint32_t *en
     }
     write_begin(s);
     s->state = x->still_open ? SLOT_RUNNING : SLOT_IDLE;
-    copy_path(s->phase, SLOT_PATH, x->parent_path, x->parent_len, &s->flags);
+    set_phase(s, x->parent_path, x->parent_len);
     s->depth = x->parent_depth;
     s->rss = x->rss_end;
     if (x->peak_rss > s->peak_rss) {
@@ -305,11 +357,6 @@ mt_worker_on_exit_locked(const mt_worker_exit *x, int *entry_cache, uint32_t *en
     }
     s->heap_used = x->heap_used;
     raise_window(s, x->peak_rss > x->rss_end ? x->peak_rss : x->rss_end);
-    if (x->outermost) {
-        s->tasks++;
-        s->last_task_rss = x->rss_end;
-        s->last_task_time = mt_os_monotonic();
-    }
     int entry = (*entry_gen == wk.generation) ? *entry_cache : -2;
     if (entry < -1 || entry >= (int)SLOT_PHASES) {
         entry = phase_entry_locked(s, x->path, x->path_len);
@@ -320,19 +367,23 @@ mt_worker_on_exit_locked(const mt_worker_exit *x, int *entry_cache, uint32_t *en
         s->phase_overflow++;
     }
     else {
-        mt_slot_phase *p = &s->phases[entry];
-        uint64_t delta = x->peak_rss > x->rss_start ? x->peak_rss - x->rss_start : 0;
-        p->count++;
-        p->total_time += x->duration;
-        if (x->peak_rss > p->max_peak_rss) {
-            p->max_peak_rss = x->peak_rss;
-        }
-        if (delta > p->max_peak_delta) {
-            p->max_peak_delta = delta;
-        }
-        p->total_rss_delta += (int64_t)x->rss_end - (int64_t)x->rss_start;
+        mt_phase_totals_add(&s->phases[entry].totals, x->duration, x->rss_start, x->rss_end,
+                            x->peak_rss);
     }
-    s->updated = mt_os_monotonic();
+    double now = mt_os_monotonic();
+    if (x->outermost) {
+        s->tasks++;
+        s->last_task_rss = x->rss_end;
+        s->last_task_time = now;
+        mt_slot_end *end = &s->ends[s->ends_written % SLOT_ENDS];
+        end->time = now;
+        end->retained = x->rss_end;
+        end->peak_rss = x->peak_rss > x->rss_end ? x->peak_rss : x->rss_end;
+        end->path_hash =
+            entry >= 0 ? s->phases[entry].path_hash : mt_path_hash(x->path, x->path_len);
+        s->ends_written++;
+    }
+    s->updated = now;
     write_end(s);
 }
 
@@ -351,7 +402,7 @@ mt_worker_join(PyObject *module, PyObject *arg)
         PyErr_Format(PyExc_ValueError, "bad worker table name %R: expected '/memtrack-...'", arg);
         return NULL;
     }
-    stop_heartbeat();
+    stop_heartbeat_released();
     size_t size;
     mt_seg_header *h = mt_table_attach_checked(module, name, &size);
     if (h == NULL) {
@@ -371,10 +422,11 @@ mt_worker_join(PyObject *module, PyObject *arg)
     snprintf(wk.name, sizeof wk.name, "%s", name);
     wk.slot = NULL;
     wk.pending_rejoin = 0;
+    wk.capacity = h->capacity; /* checked against the size at attach */
     wk.heartbeat = h->heartbeat_ms / 1000.0;
     uint32_t index = 0;
     long result = -1;
-    if (claim_locked(h, &index) == 0) {
+    if (claim_locked(h, wk.capacity, &index) == 0) {
         wk.slot = SLOT_AT(h, index);
         wk.index = index;
         wk.generation++;
@@ -400,7 +452,7 @@ mt_worker_rejoin(PyObject *module, PyObject *unused)
     if (pending) {
         uint32_t index;
         wk.pending_rejoin = 0;
-        if (claim_locked(wk.seg, &index) == 0) {
+        if (claim_locked(wk.seg, wk.capacity, &index) == 0) {
             wk.slot = SLOT_AT(wk.seg, index);
             wk.index = index;
             wk.generation++;
@@ -420,7 +472,7 @@ mt_worker_rejoin(PyObject *module, PyObject *unused)
 PyObject *
 mt_worker_leave(PyObject *module, PyObject *unused)
 {
-    stop_heartbeat();
+    stop_heartbeat_released();
     mtx_lock(&mt_phase_lock);
     int had = wk.slot != NULL;
     if (had) {
@@ -487,7 +539,7 @@ mt_worker_set_heartbeat(PyObject *module, PyObject *arg)
                      "heartbeat must be 0 (off) or between 0.001 and 3600 seconds, not %R", arg);
         return NULL;
     }
-    stop_heartbeat();
+    stop_heartbeat_released();
     mtx_lock(&mt_phase_lock);
     wk.heartbeat = sec;
     start_heartbeat_locked();

@@ -41,6 +41,10 @@ class Totals:
     dead: int  #: workers that exited or were killed
     #: the pool's memory: each live worker's pss, or its rss until its first pss reading
     memory: int = 0
+    #: the pool's memory now: each live worker's latest rss less the shared part (rss - pss)
+    #: of its latest pss reading (rss is fresh at every heartbeat, pss every tenth), or its
+    #: rss until its first pss reading
+    fresh_memory: int = 0
 
     def __str__(self) -> str:
         return (
@@ -106,21 +110,34 @@ class WorkerTable:
         """The segment header: version, capacity, slot size, creator pid and start, heartbeat."""
         return self._segment.header()
 
+    @property
+    def damage(self) -> str | None:
+        """Why the table can no longer be read (another process resized it or rewrote its
+        header), or None. Once damaged, :meth:`workers` and :meth:`totals` raise TableError."""
+        return self._segment.damage()
+
     def workers(self, *, check: bool = False) -> list[WorkerStats]:
         """Every worker that has claimed a slot, dead ones included, each read consistently.
 
         A worker that stopped updating is checked against ``/proc`` (pid and start time, so
         a reused pid is not mistaken for it). ``check=True`` checks every worker now, as
         forensics after a broken pool should. A slot that fails validation comes back with
-        ``state == "corrupt"`` and the reason in ``error``; it never stops the others.
+        ``state == "corrupt"`` and the field named in ``error``; a slot its live worker kept
+        mid-write for the whole read (a fixed budget of 2 ms, not per slot) comes back
+        ``"busy"``. Neither stops the others. The views are read-only and decode a field when
+        it is read; a slot that did not change since the last call gives the same view.
+        Raises TableError when the table is damaged (see :attr:`damage`).
         """
         return self._segment.read(check=check)
 
     def totals(self) -> Totals:
-        """Live workers and their summed rss / pss / uss, and the largest worker peak."""
-        live, rss, pss, uss, peak_rss, dead, memory = self._segment.totals()
+        """Live workers and their summed rss / pss / uss, and the largest worker peak.
+
+        Summed in C from one read of the table, without a Python object per worker: poll
+        this, not :meth:`workers`. Busy and corrupt slots count in neither live nor dead."""
+        live, rss, pss, uss, peak_rss, dead, memory, fresh = self._segment.totals()
         return Totals(live=live, rss=rss, pss=pss, uss=uss, peak_rss=peak_rss, dead=dead,
-                      memory=memory)
+                      memory=memory, fresh_memory=fresh)
 
     def forget_dead(self) -> int:
         """Free the slots of dead workers; returns how many."""
@@ -173,7 +190,9 @@ def cleanup_stale() -> list[str]:
     """Remove this user's tables whose creator has died without removing them.
 
     A creator is alive only if its pid runs with the same start time as recorded in the
-    header, so a reused pid does not keep a stale table. Returns the names removed.
+    header, so a reused pid does not keep a stale table. A damaged table of this user (resized,
+    wrong mode or layout version) whose creator is dead is removed too; tables of other users
+    and files that are not tables are left alone. Returns the names removed.
     """
     removed = []
     try:
@@ -187,9 +206,9 @@ def cleanup_stale() -> list[str]:
         try:
             if os.stat(os.path.join(SHM_DIR, entry)).st_uid != uid:
                 continue
-            pid, start, same_namespace = _core.segment_creator("/" + entry)
+            pid, start, same_namespace, _damage = _core.segment_creator("/" + entry)
         except (OSError, TableError):
-            continue  # not ours to judge: unreadable or not a table
+            continue  # not ours to judge: unreadable, another user's, or not a table
         if not same_namespace:
             continue  # its creator's pid means nothing here (a container sharing /dev/shm)
         state, actual_start = _core.proc_identity(pid)
@@ -203,7 +222,10 @@ def cleanup_stale() -> list[str]:
 
 
 def live_tables() -> list[str]:
-    """Names of this user's tables whose creator is alive (for ``memtrack top``)."""
+    """Names of this user's tables whose creator is alive (for ``memtrack top``).
+
+    Only tables that a reader can attach: owned by this user, a regular file of mode 0600,
+    and undamaged (a header that matches the file's size and this layout version)."""
     found = []
     try:
         entries = sorted(os.listdir(SHM_DIR))
@@ -213,10 +235,10 @@ def live_tables() -> list[str]:
         if not entry.startswith(_prefix()):
             continue
         try:
-            pid, start, same_namespace = _core.segment_creator("/" + entry)
+            pid, start, same_namespace, damage = _core.segment_creator("/" + entry)
         except (OSError, TableError):
             continue
-        if not same_namespace:
+        if not same_namespace or damage is not None:
             continue
         state, actual = _core.proc_identity(pid)
         if state == "alive" and actual == start:

@@ -16,7 +16,7 @@ import warnings
 from typing import Any
 
 from .. import _core
-from ..pool.table import WorkerTable, _latest_open_table
+from ..pool.table import TableError, WorkerTable, _latest_open_table
 from .files import _header, summarise_by_path
 
 ENV_PROFILE = "MEMTRACK_PROFILE"
@@ -155,7 +155,10 @@ class record:
                 self.status = rec.stop()
                 tail = []
                 if self.table is not None and not self.table.closed:
-                    tail += [_worker_record(w) for w in self.table.workers(check=True)]
+                    try:
+                        tail += [_worker_record(w) for w in self.table.workers(check=True)]
+                    except TableError:
+                        pass  # damaged under us (resized, rewritten): no summaries to trust
                 # Only the phases of the recording's own span, and their summary.
                 own = [s for s in _core.records()[0] if s.start >= self._started]
                 tail += [_phase_record(s) for s in own]

@@ -289,27 +289,16 @@ class _PoolMemory:
     reads smaps_rollup, which is slow), so a pss alone would miss a spike between two
     readings, and rss alone counts every shared page once per worker. Each worker
     counts as its fresh rss less the shared part (rss - pss) of its latest pss reading;
-    before its first pss reading, as its rss.
+    before its first pss reading, as its rss: ``Totals.fresh_memory``, summed in C.
     """
 
     def __init__(self, table: WorkerTable) -> None:
         self._table = table
-        self._shared: dict[int, tuple[int, int]] = {}  # pid -> (pss read, rss - pss then)
 
     def now(self) -> int | None:
         """The sum over live workers, or None when none is alive."""
-        live = [w for w in self._table.workers() if w.state in ("idle", "running")]
-        total = 0
-        for w in live:
-            shared = 0
-            if w.pss:
-                seen = self._shared.get(w.pid)
-                if seen is None or seen[0] != w.pss:  # a new reading: rss is of the same beat
-                    seen = (w.pss, max(w.rss - w.pss, 0))
-                    self._shared[w.pid] = seen
-                shared = seen[1]
-            total += max(w.rss - shared, 0)
-        return total if live else None
+        totals = self._table.totals()
+        return totals.fresh_memory if totals.live else None
 
 
 @dataclass(frozen=True)

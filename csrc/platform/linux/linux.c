@@ -380,14 +380,16 @@ mt_os_footprint(mt_footprint *fp, mt_oserr *e)
 /* ------------------------------------------------------------------------ */
 /* Shared segments and other processes (the worker table).                   */
 
+#include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/sysinfo.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 
 int
-mt_os_shm_create(const char *name, size_t size, void **addr, mt_oserr *e)
+mt_os_shm_create(const char *name, size_t size, void **addr, int *fd_out, mt_oserr *e)
 {
     int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0) {
@@ -402,20 +404,36 @@ mt_os_shm_create(const char *name, size_t size, void **addr, mt_oserr *e)
     }
     void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     int err = errno;
-    close(fd);
     if (p == MAP_FAILED) {
+        close(fd);
         shm_unlink(name);
         return mt_fail(e, "mmap", name, err);
+    }
+    if (fd_out != NULL) {
+        *fd_out = fd;
+    }
+    else {
+        close(fd);
     }
     *addr = p;
     return 0;
 }
 
+static void
+fill_info(const struct stat *st, mt_file_info *info)
+{
+    info->size = st->st_size > 0 ? (uint64_t)st->st_size : 0;
+    info->uid = (uint32_t)st->st_uid;
+    info->mode = (uint32_t)(st->st_mode & 07777);
+    info->regular = S_ISREG(st->st_mode);
+}
+
 int
-mt_os_shm_attach(const char *name, void **addr, size_t *size, mt_oserr *e)
+mt_os_shm_open(const char *name, int *fd_out, mt_file_info *info, mt_oserr *e)
 {
     struct stat st;
-    int fd = shm_open(name, O_RDWR | O_CLOEXEC, 0);
+    /* O_NONBLOCK: a FIFO planted under the name must not hang the open. */
+    int fd = shm_open(name, O_RDWR | O_CLOEXEC | O_NONBLOCK | O_NOFOLLOW, 0);
     if (fd < 0) {
         return mt_fail(e, "shm_open", name, errno);
     }
@@ -424,20 +442,120 @@ mt_os_shm_attach(const char *name, void **addr, size_t *size, mt_oserr *e)
         close(fd);
         return mt_fail(e, "fstat", name, err);
     }
-    if (st.st_size <= 0) {
-        close(fd);
-        *addr = NULL;
-        *size = 0;
-        return 0; /* the caller reports an empty segment */
-    }
-    void *p = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    int err = errno;
-    close(fd);
+    fill_info(&st, info);
+    *fd_out = fd;
+    return 0;
+}
+
+int
+mt_os_shm_map(int fd, size_t size, void **addr, const char *name, mt_oserr *e)
+{
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (p == MAP_FAILED) {
-        return mt_fail(e, "mmap", name, err);
+        return mt_fail(e, "mmap", name, errno);
     }
     *addr = p;
-    *size = (size_t)st.st_size;
+    return 0;
+}
+
+int
+mt_os_fd_info(int fd, mt_file_info *info)
+{
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        return -1;
+    }
+    fill_info(&st, info);
+    return 0;
+}
+
+long
+mt_os_pread(int fd, void *buf, size_t n, uint64_t offset)
+{
+    ssize_t r;
+    do {
+        r = pread(fd, buf, n, (off_t)offset);
+    } while (r < 0 && errno == EINTR);
+    return (long)r;
+}
+
+uint32_t
+mt_os_uid(void)
+{
+    return (uint32_t)geteuid();
+}
+
+uint64_t
+mt_os_memory_bound(void)
+{
+    struct sysinfo si;
+    if (sysinfo(&si) != 0) {
+        return 0;
+    }
+    uint64_t unit = si.mem_unit ? si.mem_unit : 1;
+    uint64_t total = ((uint64_t)si.totalram + (uint64_t)si.totalswap) * unit;
+    uint64_t bound = 1u << 20;
+    while (bound < total && bound < (UINT64_C(1) << 62)) {
+        bound <<= 1;
+    }
+    return bound;
+}
+
+/* The SIGBUS guard. The handler is installed once (first guard) and kept;
+ * the jump buffer is per thread, so guards in different threads (the
+ * recorder, a reader under the GIL) never see each other's. */
+static _Thread_local sigjmp_buf *volatile guard_jump;
+static struct sigaction guard_previous;
+static pthread_once_t guard_once = PTHREAD_ONCE_INIT;
+static int guard_installed;
+
+static void
+guard_handler(int sig, siginfo_t *info, void *ctx)
+{
+    sigjmp_buf *jump = guard_jump;
+    if (jump != NULL) {
+        guard_jump = NULL;
+        siglongjmp(*jump, 1);
+    }
+    /* Not ours: hand it to the handler that was there before. */
+    if (guard_previous.sa_flags & SA_SIGINFO) {
+        guard_previous.sa_sigaction(sig, info, ctx);
+    }
+    else if (guard_previous.sa_handler == SIG_IGN) {
+        return;
+    }
+    else if (guard_previous.sa_handler == SIG_DFL) {
+        signal(sig, SIG_DFL); /* returning re-runs the access: it dies as it would have */
+    }
+    else {
+        guard_previous.sa_handler(sig);
+    }
+}
+
+static void
+guard_install(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = guard_handler;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    guard_installed = sigaction(SIGBUS, &sa, &guard_previous) == 0;
+}
+
+int
+mt_os_guarded(void (*fn)(void *), void *arg)
+{
+    pthread_once(&guard_once, guard_install);
+    sigjmp_buf jump;
+    sigjmp_buf *volatile outer = guard_jump;
+    if (sigsetjmp(jump, 1) != 0) {
+        guard_jump = outer;
+        return 1;
+    }
+    guard_jump = &jump;
+    fn(arg);
+    guard_jump = outer;
     return 0;
 }
 
@@ -566,6 +684,7 @@ mt_os_footprint_of(long pid, mt_footprint *fp, mt_oserr *e)
 /* A pidfd names one process for good, never a later one with its pid.
  * -1 when the process is gone or the kernel lacks pidfd_open (< 5.3). */
 #include <poll.h>
+#include <sys/epoll.h>
 #include <sys/syscall.h>
 
 int
@@ -592,27 +711,48 @@ mt_os_pidfd_alive(int fd)
     return r == 0;
 }
 
-void
-mt_os_pidfds_poll(mt_watch *w, size_t n)
+int
+mt_os_epoll_new(void)
 {
-    struct pollfd small[256], *p = n <= 256 ? small : malloc(n * sizeof *p);
-    if (p == NULL) {
-        return; /* each owner is then asked on its own */
+    return epoll_create1(EPOLL_CLOEXEC);
+}
+
+int
+mt_os_epoll_add(int ep, int fd, uint64_t key)
+{
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = key};
+    return epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0 ? 0 : -1;
+}
+
+void
+mt_os_epoll_del(int ep, int fd)
+{
+    struct epoll_event ev = {0};
+    epoll_ctl(ep, EPOLL_CTL_DEL, fd, &ev);
+}
+
+int
+mt_os_epoll_ready(int ep, uint64_t *keys, int max)
+{
+    struct epoll_event ev[64];
+    int total = 0;
+    while (total < max) {
+        int want = max - total < 64 ? max - total : 64;
+        int r;
+        do {
+            r = epoll_wait(ep, ev, want, 0);
+        } while (r < 0 && errno == EINTR);
+        if (r < 0) {
+            return total ? total : -1;
+        }
+        for (int i = 0; i < r; i++) {
+            keys[total++] = ev[i].data.u64;
+        }
+        if (r < want) {
+            break;
+        }
     }
-    for (size_t i = 0; i < n; i++) {
-        p[i] = (struct pollfd){.fd = w[i].fd, .events = POLLIN}; /* -1: ignored */
-    }
-    int r;
-    do {
-        r = poll(p, n, 0);
-    } while (r < 0 && errno == EINTR);
-    for (size_t i = 0; r >= 0 && i < n; i++) {
-        w[i].polled = w[i].fd >= 0;
-        w[i].alive = (p[i].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL)) == 0;
-    }
-    if (p != small) {
-        free(p);
-    }
+    return total;
 }
 
 void
