@@ -21,7 +21,7 @@ import pytest
 
 import memtrack
 from memtrack import _core
-from memtrack.table import cleanup_stale, live_tables
+from memtrack.pool.table import cleanup_stale, live_tables
 
 HEADER = 256
 SLOT = 8192

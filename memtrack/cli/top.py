@@ -30,8 +30,8 @@ def render_frame(table: WorkerTable, *, width: int = 100, now: float | None = No
     ]
     phase_width = max(width - len(header) + len("phase"), 10)
     for w in workers:
-        if w.state == "corrupt":
-            lines.append(f"{w.pid or '?':>8} {'corrupt':<8} {w.error}")
+        if w.state in ("corrupt", "busy"):
+            lines.append(f"{w.pid or '?':>8} {w.state:<8} {w.error}")
             continue
         phase = w.phase or "-"
         if w.phase_truncated:
