@@ -80,7 +80,7 @@ TARGET_OVERHEAD_PCT = 1.0       # a real multi-process job: under 1% slower
 
 READ_CAPACITY = 256
 READ_LEVELS = (8, 64, 256)
-SLOT_PHASES = 48                # entries of a slot's phase summary (csrc/segment.c)
+SLOT_PHASES = 44                # entries of a slot's phase summary (csrc/table/layout.h)
 SMALL_PATHS = ("index", "index/parse")
 FULL_PATHS = tuple(f"phase_{i:02d}" for i in range(SLOT_PHASES))
 POOL_WORKERS = 2
@@ -980,7 +980,7 @@ def table_section(command: str, args, repeats: int, target_ns: float, join: dict
         f"{fmt_ns(plain.high)} in wall time ({fmt_ns(noise)} wide); the target is decided "
         f"only when both estimates and the middle half of their per-round differences are "
         f"on the same side of {fmt_ns(TARGET_JOIN_ADD_NS)} (wall time first, else CPU time).",
-        "- What a joined phase does in addition (csrc/segment.c): on enter and on exit, "
+        "- What a joined phase does in addition (csrc/table/worker.c): on enter and on exit, "
         "one seqlock write of the worker's slot — state, the current phase path (a 256-byte "
         "copy), depth, rss, peak, and a `clock_gettime` for `updated`; on exit also the "
         "slot's per-path summary (count, time, peaks), whose entry is cached per path. No "

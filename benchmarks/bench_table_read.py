@@ -197,7 +197,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--old-tree", type=Path, default=None,
                     help=f"a built checkout of the old reader (default: git archive {OLD_COMMIT} "
                          "into a temporary directory and build it)")
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--read-rounds", type=int, default=3,
                     help="probe rounds of each reader, alternating (default 3)")
 
 
@@ -210,7 +210,7 @@ def run(args, command: str) -> Section:
         if old_tree is None:
             say(f"building the old reader (git {OLD_COMMIT}) ...")
             old_tree = build_old_tree(Path(tmp))
-        rounds = max(1, 1 if quick else args.rounds)
+        rounds = max(1, 1 if quick else args.read_rounds)
         olds, news = [], []
         for r in range(rounds):  # alternate, so drift hits both alike
             say(f"round {r + 1}/{rounds}: old reader ...")

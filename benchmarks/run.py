@@ -6,8 +6,8 @@
     python benchmarks/run.py --only table --output /tmp/RESULTS.md
 
 RESULTS.md gets the machine once, then one section per script: the core (bench_core.py,
-issue 2), the worker table (bench_table.py, issue 3) and recording (bench_record.py,
-issue 6). Both use the measuring method in
+issue 2), the worker table (bench_table.py, issue 3), its reader against the one before
+issue 10 and psutil (bench_table_read.py) and recording (bench_record.py, issue 6). Both use the measuring method in
 benchmarks/_timing.py. Nothing here asserts anything about speed.
 """
 
@@ -24,10 +24,11 @@ import bench_core  # noqa: E402
 import bench_record  # noqa: E402
 import bench_serve  # noqa: E402
 import bench_table  # noqa: E402
+import bench_table_read  # noqa: E402
 from _timing import HERE, print_section, say, warn_if_busy, write_results  # noqa: E402
 
-SCRIPTS = {"core": bench_core, "table": bench_table, "record": bench_record,
-           "serve": bench_serve}
+SCRIPTS = {"core": bench_core, "table": bench_table, "table_read": bench_table_read,
+           "record": bench_record, "serve": bench_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="run only this part (repeatable); the file's other sections are kept")
     bench_core.add_arguments(ap)   # --no-syscalls, --no-perf (both parts)
     bench_table.add_arguments(ap)  # --pairs, --stride, --max-workers, --no-perf-table
+    bench_table_read.add_arguments(ap)  # --old-tree, --read-rounds
     bench_record.add_arguments(ap)  # --record-pairs
     bench_serve.add_arguments(ap)  # --serve-rounds
     args = ap.parse_args(argv)

@@ -139,30 +139,19 @@ class PhaseSummary(structseq[Any], tuple[int, float, int, int, int, float]):
     def mean_rss_delta(self) -> float: ...
 
 @final
-class WorkerStats(
-    structseq[Any],
-    tuple[
-        int, str, str | None, int | None, int | None, int | None, int | None, int | None,
-        int | None, int | None, float | None, int | None, int | None,
-        dict[str, PhaseSummary], int, float | None, bool | None, int | None, str | None,
-    ],
-):
-    """One worker of a worker table, as its slot last said.
+class WorkerStats:
+    """One worker of a worker table, as its slot last said: a read-only view that decodes
+    a field when it is read (``phases`` is built on first access).
 
-    When ``state == "corrupt"`` only ``pid``, ``state``, ``phases`` (empty), ``slot`` and
-    ``error`` are set; every other field is None. Otherwise only ``exit_code``,
-    ``exit_signal`` and ``error`` can be None.
+    When ``state`` is ``"corrupt"`` or ``"busy"`` only ``pid``, ``state``, ``phases``
+    (empty), ``slot`` and ``error`` are set; every other field is None. Otherwise only
+    ``exit_code``, ``exit_signal``, ``last_task_time`` and ``error`` can be None.
     """
 
-    __match_args__: Final = (
-        "pid", "state", "phase", "depth", "rss", "peak_rss", "uss", "pss", "heap_used",
-        "tasks", "updated", "exit_code", "exit_signal", "phases", "slot", "joined",
-        "phase_truncated", "phase_overflow", "error",
-    )
     @property
     def pid(self) -> int: ...
     @property
-    def state(self) -> Literal["idle", "running", "exited", "killed", "corrupt"]: ...
+    def state(self) -> Literal["idle", "running", "exited", "killed", "busy", "corrupt"]: ...
     @property
     def phase(self) -> str | None: ...
     @property
@@ -197,6 +186,15 @@ class WorkerStats(
     def phase_overflow(self) -> int | None: ...
     @property
     def error(self) -> str | None: ...
+    @property
+    def role(self) -> Literal["worker", "tool", "root", "helper", "other"] | None: ...
+    @property
+    def last_task_rss(self) -> int | None: ...
+    @property
+    def last_task_time(self) -> float | None: ...
+    @property
+    def recent_ends(self) -> list[tuple[float, int, int, str | None]] | None:
+        """The last task ends, oldest first: (time, retained rss, peak_rss, path)."""
 
 # --------------------------------------------------------------------------------------
 # Readings
@@ -308,23 +306,26 @@ class Segment:
 
     def __init__(self, name: str, capacity: int = 0, heartbeat_ms: int = 100) -> None: ...
     def read(self, check: bool = False) -> list[WorkerStats]: ...
-    def totals(self) -> tuple[int, int, int, int, int, int, int]:
-        """(live, rss, pss, uss, peak_rss, dead, memory)."""
+    def totals(self) -> tuple[int, int, int, int, int, int, int, int]:
+        """(live, rss, pss, uss, peak_rss, dead, memory, fresh_memory)."""
         ...
     def forget_dead(self) -> int: ...
     def record_exit(self, pid: int, exitcode: int, /) -> bool: ...
     def header(self) -> dict[str, Any]:
         """version, capacity, slot_size, creator_pid, creator_start, created (unix time),
-        heartbeat_ms, slot_phases, size (bytes of the mapping)."""
+        heartbeat_ms, slot_phases, size (bytes of the mapping), as attached."""
+    def damage(self) -> str | None:
+        """Why the table can no longer be read (resized, header rewritten), or None."""
     def close(self) -> None: ...
     @property
     def name(self) -> str: ...
     @property
     def closed(self) -> bool: ...
 
-def segment_creator(name: str, /) -> tuple[int, int, bool]:
+def segment_creator(name: str, /) -> tuple[int, int, bool, str | None]:
     """(creator pid, creator start time in clock ticks since boot, whether it was created
-    in this process's pid namespace) of the table `name`."""
+    in this process's pid namespace, what is damaged or None) of the table `name`; raises
+    TableError when it is not this user's table at all."""
 
 def proc_identity(pid: int, /) -> tuple[Literal["alive", "zombie", "gone"], int]:
     """Whether `pid` runs, and its start time (clock ticks since boot, /proc/<pid>/stat)."""
