@@ -1,6 +1,7 @@
 """``memtrack serve [TABLE]``: a worker table live over HTTP (and ``memtrack run --serve``).
 
 The page at ``/``, Prometheus at ``/metrics``, JSON at ``/api/workers``; see docs/serve.md.
+``--dask SCHEDULER`` serves a Dask cluster's workers instead (memtrack.dask, docs/dask.md).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "0.25..5 s)")
     parser.add_argument("--window", type=float, default=300.0,
                         help="seconds of history the page keeps (default 300)")
+    parser.add_argument("--dask", metavar="SCHEDULER", default=None,
+                        help="serve the memtrack workers of this Dask scheduler "
+                             "(tcp://host:8786; see memtrack.dask.install) instead of a table")
     parser.add_argument("--verbose", action="store_true", help="log every request")
 
 
@@ -67,7 +71,14 @@ def start_for_run(table: WorkerTable, address: str, *, public: bool,
 
 
 def run_serve_command(args: argparse.Namespace) -> int:
-    source = TableSource(_find_table(args.name))
+    if args.dask is not None:
+        if args.name:
+            raise ValueError("give a TABLE or --dask SCHEDULER, not both")
+        from ..dask import cluster_source
+
+        source = cluster_source(args.dask)
+    else:
+        source = TableSource(_find_table(args.name))
     try:
         server = Server(source, args.address, public=args.public, token=_token(args),
                         interval=args.interval, window=args.window, verbose=args.verbose)

@@ -76,11 +76,13 @@ def render_metrics(reading: Reading, *, source_name: str, kind: str,
     readable = [w for w in workers if w["state"] != "corrupt"]
     # Each worker's label text is made once per scrape, not once per family.
     own = [label_text(labels(w)) for w in readable]
-    in_phase = [f'{base},phase="{_label(w["phase"] or "")}"' for base, w in zip(own, readable)]
+    in_phase = [f'{base},phase="{_label(w["phase"] or "")}"'
+                for base, w in zip(own, readable, strict=True)]
 
     def per_worker(key: str, with_phase: bool = True) -> Samples:
         texts = in_phase if with_phase else own
-        return [(text, w[key]) for text, w in zip(texts, readable) if w[key] is not None]
+        return [(text, w[key]) for text, w in zip(texts, readable, strict=True)
+                if w[key] is not None]
 
     family("memtrack_worker_rss_bytes", "gauge",
            "Resident memory of each worker at its last reading, with the phase it was in.",
@@ -98,11 +100,12 @@ def render_metrics(reading: Reading, *, source_name: str, kind: str,
     family("memtrack_worker_alive", "gauge",
            "1 while a worker is alive (idle or running), 0 once it exited or was killed.",
            [(text, 1 if w["state"] in ("idle", "running") else 0)
-            for text, w in zip(own, readable)])
+            for text, w in zip(own, readable, strict=True)])
     family("memtrack_worker_phase_peak_rss_bytes", "gauge",
            "Peak resident memory of each worker in each phase.",
            [(f'{text},phase="{_label(path)}"', s["max_peak_rss"])
-            for text, w in zip(own, readable) for path, s in sorted(w["phases"].items())])
+            for text, w in zip(own, readable, strict=True)
+            for path, s in sorted(w["phases"].items())])
 
     phases = sorted(phase_totals(readable).items())
     family("memtrack_phase_runs_total", "counter", "Completed runs of each phase, all workers.",
