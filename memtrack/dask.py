@@ -241,14 +241,22 @@ class ClusterSource:
         self.name = str(client.scheduler.address)
         self._owned = owned
         self._last = Reading(time.time(), [], totals_of([]))
+        self._problem: str | None = None
 
     def read(self) -> Reading:
         try:
             data = collect(self.client)
         except Exception as e:  # the scheduler went away, a timeout...: keep the last one
-            print(f"memtrack serve: cannot read the Dask cluster {self.name}: "
-                  f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            return self._last
+            problem = f"cannot read the Dask cluster: {type(e).__name__}: {e}"
+            if problem != self._problem:  # said once, not every interval
+                print(f"memtrack serve: {problem} ({self.name}); serving the last reading",
+                      file=sys.stderr, flush=True)
+            self._problem = problem
+            return Reading(time.time(), self._last.workers, self._last.totals, problem)
+        if self._problem is not None:
+            print(f"memtrack serve: the Dask cluster {self.name} answers again",
+                  file=sys.stderr, flush=True)
+            self._problem = None
         workers = []
         for address, entry in sorted(data.items()):
             w = {k: entry.get(k) for k in ("pid", "slot", "state", "phase", "depth", "rss",

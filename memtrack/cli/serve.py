@@ -9,12 +9,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from ..pool.table import WorkerTable
-from ..serve import DEFAULT_HOST, DEFAULT_PORT, ServeError, Server, TableSource
 from .top import _find_table
 
+if TYPE_CHECKING:
+    from ..pool.table import WorkerTable
+    from ..serve import Server
+
+# memtrack.serve (http.server and all it imports) is loaded only when a server starts, so
+# that building the parser for every other command stays cheap; these match its defaults.
 ENV_TOKEN = "MEMTRACK_SERVE_TOKEN"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
 
 
 def add_address_arguments(parser: argparse.ArgumentParser, *, option: str) -> None:
@@ -64,6 +71,8 @@ def announce(server: Server, prog: str) -> None:
 def start_for_run(table: WorkerTable, address: str, *, public: bool,
                   token: str | None) -> Server:
     """``memtrack run --serve HOST:PORT``: serve the run's table while the command runs."""
+    from ..serve import Server, TableSource
+
     server = Server(TableSource(table), address, public=public,
                     token=token if token is not None else (os.environ.get(ENV_TOKEN) or None))
     announce(server, "memtrack run")
@@ -71,6 +80,8 @@ def start_for_run(table: WorkerTable, address: str, *, public: bool,
 
 
 def run_serve_command(args: argparse.Namespace) -> int:
+    from ..serve import ServeError, Server, TableSource
+
     if args.dask is not None:
         if args.name:
             raise ValueError("give a TABLE or --dask SCHEDULER, not both")

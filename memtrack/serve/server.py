@@ -116,6 +116,9 @@ def _page(source: Source, token_query: str) -> bytes:
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    #: close() does not wait for request threads: a feed whose client stopped reading
+    #: would hold it for the socket timeout. The feeds end on their own (History.close).
+    block_on_close = False
     app: Server
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -183,7 +186,8 @@ class _Handler(BaseHTTPRequestHandler):
         if app.token is None:
             # No token: only a loopback name in Host, so a page elsewhere cannot reach us
             # through a DNS name that it rebinds to 127.0.0.1.
-            host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+            host = self.headers.get("Host") or ""
+            host = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
             return host in ("localhost", "") or _is_ip_loopback(host)
         given = self.headers.get("Authorization", "")
         offered = given[7:].strip() if given.lower().startswith("bearer ") else None
