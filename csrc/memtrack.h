@@ -86,9 +86,13 @@ const char *mt_peak_fallback_reason(void);
 double mt_peak_sampler_interval(void);
 /* Force the sampler (MEMTRACK_PEAK=sampler, or a refused reset). */
 int mt_peak_use_sampler(const char *reason, mt_oserr *e);
-/* Both need phase_lock held (see phase.c): they fold into open phases. */
-int mt_peak_read_locked(uint64_t *peak, mt_oserr *e);
-int mt_peak_reset_locked(uint64_t *rss_after, mt_oserr *e);
+/* phase_lock held for both. read: the mark (and rss when `rss` is not NULL,
+ * from the same reading where the status file is read). reset: reads the mark
+ * about to be lost into *lost, resets it, reads rss. Neither folds into the
+ * open phases: the caller does (mt_phase_fold_locked), so that peak.c never
+ * calls up into phase.c. */
+int mt_peak_read_locked(uint64_t *peak, uint64_t *rss, mt_oserr *e);
+int mt_peak_reset_locked(uint64_t *lost, uint64_t *rss_after, mt_oserr *e);
 void mt_peak_after_fork_child(void);
 /* Running maxima of every reading (every reset reads first, so nothing is
  * lost): since the process or worker slot started (the slot's peak_rss),
@@ -96,8 +100,9 @@ void mt_peak_after_fork_child(void);
 uint64_t mt_peak_lifetime_locked(void);
 void mt_peak_restart_lifetime_locked(uint64_t from);
 uint64_t mt_peak_user_locked(void);
-/* The exact peak since the previous call (then resets the mark), and rss. */
-int mt_peak_take_window_locked(uint64_t *window, uint64_t *rss, mt_oserr *e);
+/* The exact peak since the previous call (then resets the mark: *lost is the
+ * mark it read, for the caller to fold), and rss. */
+int mt_peak_take_window_locked(uint64_t *window, uint64_t *lost, uint64_t *rss, mt_oserr *e);
 void mt_peak_restart_user_locked(uint64_t from);
 
 /* ------------------------------------------------------------------------ */
@@ -107,8 +112,12 @@ extern mtx_t mt_phase_lock;
 extern atomic_bool mt_disabled;
 int mt_phase_init(void);
 void mt_phase_after_fork_child(void);
-/* Fold a high-water mark into every open phase; phase_lock held. */
+/* Fold a high-water mark into every open phase and watch; phase_lock held.
+ * Every caller of mt_peak_reset_locked() calls it with the mark it lost. */
 void mt_phase_fold_locked(uint64_t hwm);
+/* Reset the kernel's mark after folding the lost one into the open phases;
+ * rss after the reset. phase_lock held. */
+int mt_phase_reset_peak_locked(uint64_t *rss_after, mt_oserr *e);
 /* Path of the most recently entered phase still open, "" for none. */
 void mt_phase_current_locked(char *buf, size_t size);
 extern PyType_Spec mt_phase_spec;
@@ -132,7 +141,8 @@ typedef struct {
     uint32_t parent_depth;
     int outermost;  /* depth 1: a task ended */
     int still_open; /* other phases still open in the process */
-    uint64_t rss_start, rss_end, peak_rss, heap_used;
+    uint64_t rss_start, rss_end, peak_rss;
+    uint64_t heap_used; /* 0: not read (configure(phase_heap=False), the default) */
     double duration;
 } mt_worker_exit;
 

@@ -2,8 +2,10 @@
  * Exact peaks. The kernel keeps a high-water mark of RSS per process;
  * writing 5 to /proc/self/clear_refs resets it to the current RSS. A phase
  * resets it on entry and reads it on exit. Because phases nest and run in
- * several threads, every reset first folds the current mark into every open
- * phase (mt_phase_fold_locked), so no phase loses a peak to another's reset.
+ * several threads, every reset first reads the mark about to be lost and
+ * hands it back to the caller, which folds it into every open phase
+ * (phase.c), so no phase loses a peak to another's reset. This file never
+ * calls up into phase.c: it reads, resets and keeps the running maxima.
  *
  * Where the reset is refused, a native thread samples RSS (without the GIL)
  * and keeps a software mark instead: the error is bounded by what can be
@@ -30,6 +32,11 @@ static struct {
      * A reading at or below it says nothing; the exact (slower)
      * /proc/self/status read is used then. Protected by phase_lock. */
     uint64_t sticky_floor;
+    /* The last exact reading was above the floor, so getrusage is worth
+     * asking first. Below it (a small spawn worker of a large parent) the
+     * status file alone gives both the mark and rss in one read, with no
+     * getrusage and no statm read. Protected by phase_lock. */
+    bool above_floor;
     /* The sampler's high-water mark: raised by the sampler thread, lowered
      * by a reset under phase_lock; atomic so that both can touch it. */
     _Atomic uint64_t soft_hwm;
@@ -152,25 +159,9 @@ mt_peak_sampler_interval(void)
     return peak.interval;
 }
 
-int
-mt_peak_read_locked(uint64_t *out, mt_oserr *e)
+static void
+note_mark_locked(uint64_t hwm)
 {
-    uint64_t hwm;
-    if (mt_peak_method_in_force() == MT_PEAK_SAMPLER) {
-        if (start_sampler(e) < 0 || mt_os_rss(&hwm, e) < 0) {
-            return -1;
-        }
-        raise_soft_hwm(hwm);
-        hwm = atomic_load(&peak.soft_hwm);
-    }
-    else {
-        if (mt_os_hwm(&hwm, e) < 0) {
-            return -1;
-        }
-        if (peak.sticky_floor != 0 && hwm <= peak.sticky_floor && mt_os_hwm_exact(&hwm, e) < 0) {
-            return -1;
-        }
-    }
     if (hwm > peak.lifetime) {
         peak.lifetime = hwm;
     }
@@ -180,22 +171,63 @@ mt_peak_read_locked(uint64_t *out, mt_oserr *e)
     if (hwm > peak.window) {
         peak.window = hwm;
     }
-    *out = hwm;
+}
+
+/* The mark, and rss when `rss` is not NULL, in the fewest system calls:
+ * getrusage (+ statm) above the sticky floor, the status file alone below. */
+static int
+read_mark_locked(uint64_t *hwm, uint64_t *rss, mt_oserr *e)
+{
+    uint64_t status_rss;
+    if (mt_peak_method_in_force() == MT_PEAK_SAMPLER) {
+        uint64_t now;
+        if (start_sampler(e) < 0 || mt_os_rss(&now, e) < 0) {
+            return -1;
+        }
+        raise_soft_hwm(now);
+        *hwm = atomic_load(&peak.soft_hwm);
+        if (rss != NULL) {
+            *rss = now;
+        }
+        return 0;
+    }
+    if (peak.sticky_floor == 0 || peak.above_floor) {
+        if (mt_os_hwm(hwm, e) < 0) {
+            return -1;
+        }
+        if (peak.sticky_floor == 0 || *hwm > peak.sticky_floor) {
+            return rss != NULL ? mt_os_rss(rss, e) : 0;
+        }
+    }
+    if (mt_os_hwm_exact(hwm, &status_rss, e) < 0) {
+        return -1;
+    }
+    peak.above_floor = *hwm > peak.sticky_floor;
+    if (rss != NULL) {
+        *rss = status_rss;
+    }
     return 0;
 }
 
 int
-mt_peak_take_window_locked(uint64_t *window, uint64_t *rss, mt_oserr *e)
+mt_peak_read_locked(uint64_t *out, uint64_t *rss, mt_oserr *e)
 {
-    uint64_t hwm;
-    if (mt_peak_read_locked(&hwm, e) < 0) {
+    if (read_mark_locked(out, rss, e) < 0) {
+        return -1;
+    }
+    note_mark_locked(*out);
+    return 0;
+}
+
+int
+mt_peak_take_window_locked(uint64_t *window, uint64_t *lost, uint64_t *rss, mt_oserr *e)
+{
+    /* The reset reads the mark first, so the window holds it. */
+    if (mt_peak_reset_locked(lost, rss, e) < 0) {
         return -1;
     }
     *window = peak.window;
-    /* Reset, so that the next window holds only what comes after now. */
-    if (mt_peak_reset_locked(rss, e) < 0) {
-        return -1;
-    }
+    /* The next window holds only what comes after now. */
     peak.window = *rss;
     return 0;
 }
@@ -225,15 +257,14 @@ mt_peak_restart_user_locked(uint64_t from)
 }
 
 int
-mt_peak_reset_locked(uint64_t *rss_after, mt_oserr *e)
+mt_peak_reset_locked(uint64_t *lost, uint64_t *rss_after, mt_oserr *e)
 {
-    uint64_t hwm, rss;
-    /* Read the mark about to be lost, and give it to every open phase and
-     * to the lifetime and user peaks. */
-    if (mt_peak_read_locked(&hwm, e) < 0) {
+    uint64_t rss;
+    /* Read the mark about to be lost: it raises the lifetime and user
+     * peaks here, and the caller folds it into the open phases. */
+    if (mt_peak_read_locked(lost, NULL, e) < 0) {
         return -1;
     }
-    mt_phase_fold_locked(hwm);
     if (mt_peak_method_in_force() == MT_PEAK_KERNEL) {
         mt_oserr refused;
         if (mt_os_reset_hwm(&refused) < 0) {
@@ -267,6 +298,7 @@ mt_peak_after_fork_child(void)
      * its peaks start at its own memory. */
     atomic_store(&peak.sampler_running, false);
     peak.sticky_floor = 0;
+    peak.above_floor = false;
     uint64_t rss = 0;
     mt_oserr ignored;
     if (mt_os_rss(&rss, &ignored) == 0) { /* descriptors reopened already */

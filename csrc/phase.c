@@ -50,8 +50,8 @@ typedef struct mt_frame {
     uint64_t peak;                /* Protected by phase_lock (folded by others) */
     uint32_t path_id;
     uint32_t depth;
-    uint64_t rss_start, heap_start;
-    int heap_read; /* heap_start was read (configure(phase_heap=...)) */
+    uint64_t rss_start;
+    int64_t heap_start; /* HEAP_NOT_READ unless configure(phase_heap=True) */
     double start;
     unsigned long thread_id;
     int orphaned;  /* exited by another thread: still on its entry thread's chain */
@@ -76,9 +76,14 @@ typedef struct {
  * lock: it may run the garbage collector, which may enter a phase. */
 mtx_t mt_phase_lock;
 atomic_bool mt_disabled; /* MEMTRACK_DISABLE: read without the lock */
-/* Read malloc's heap at phase enter/exit (heap_delta). mallinfo2() walks the
- * free lists: cheap in a tidy heap, ~10 us in a fragmented one. Atomic. */
-static atomic_bool phase_heap = true;
+/* Read malloc's heap at phase enter/exit (heap_delta): off by default, because
+ * glibc's mallinfo2() walks every free chunk and takes every arena's lock, so
+ * its cost grows with the heap (milliseconds per call in a heap of 200 000
+ * fragments, benchmarks/RESULTS.md). configure(phase_heap=True) opts in.
+ * The allocation counters of issue 14 (PEP 445 hooks, per thread and phase)
+ * are O(1): once they land, read_heap() below takes heap_delta from them and
+ * mallinfo2 is no longer needed here. Atomic. */
+static atomic_bool phase_heap = false;
 
 /* heap_delta of a phase whose heap was not read (configure(phase_heap=False)). */
 #define HEAP_NOT_READ INT64_MIN
@@ -255,6 +260,17 @@ mt_phase_fold_locked(uint64_t hwm)
     }
 }
 
+int
+mt_phase_reset_peak_locked(uint64_t *rss_after, mt_oserr *e)
+{
+    uint64_t lost;
+    if (mt_peak_reset_locked(&lost, rss_after, e) < 0) {
+        return -1;
+    }
+    mt_phase_fold_locked(lost);
+    return 0;
+}
+
 void
 mt_phase_current_locked(char *buf, size_t size)
 {
@@ -347,18 +363,10 @@ mt_phase_after_fork_child(void)
 /* ------------------------------------------------------------------------ */
 /* The Phase type                                                            */
 
+/* Check a phase name and make it self's (a new reference is taken). */
 static int
-phase_init(PhaseObject *self, PyObject *args, PyObject *kwds)
+set_name(PhaseObject *self, PyObject *name)
 {
-    static char *kwlist[] = {"name", NULL};
-    PyObject *name;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:phase", kwlist, &name)) {
-        return -1;
-    }
-    if (self->active) {
-        PyErr_SetString(PyExc_RuntimeError, "cannot re-initialise an active phase");
-        return -1;
-    }
     if (!PyUnicode_Check(name)) {
         PyErr_Format(PyExc_TypeError, "phase name must be a str, not %.100s",
                      Py_TYPE(name)->tp_name);
@@ -382,6 +390,24 @@ phase_init(PhaseObject *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->name, name);
     self->name_utf8 = utf8;
     self->name_len = len;
+    return 0;
+}
+
+static int
+phase_init(PhaseObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"name", NULL};
+    PyObject *name;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:phase", kwlist, &name)) {
+        return -1;
+    }
+    if (self->active) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot re-initialise an active phase");
+        return -1;
+    }
+    if (set_name(self, name) < 0) {
+        return -1;
+    }
     self->done = 0;
     return 0;
 }
@@ -403,12 +429,87 @@ phase_dealloc(PhaseObject *self)
     Py_DECREF(tp);
 }
 
+/* heap_delta's source at enter and exit; HEAP_NOT_READ unless opted in. */
+static int64_t
+read_heap(void)
+{
+    uint64_t used = 0, free_bytes;
+    if (!atomic_load_explicit(&phase_heap, memory_order_relaxed)) {
+        return HEAP_NOT_READ;
+    }
+    mt_os_heap(&used, &free_bytes);
+    return (int64_t)used;
+}
+
+/* Start f (its path interned) at rss, just after a reset: into the registry
+ * and this worker's slot. phase_lock held. */
+static void
+start_frame_locked(mt_frame *f, uint64_t rss)
+{
+    f->rss_start = rss;
+    f->peak = rss;
+    link_locked(f);
+    const mt_path *p = &ph.paths[f->path_id];
+    mt_worker_on_enter_locked(p->path, p->path_len, f->depth, rss);
+}
+
+/* End f with the mark `hwm` and `rss` (ok: both were read), record it into
+ * self->record and this worker's slot. phase_lock held. */
+static void
+end_frame_locked(PhaseObject *self, uint64_t hwm, uint64_t rss, int ok, double end, int64_t heap,
+                 const char *error)
+{
+    mt_frame *f = &self->frame;
+    mt_record *r = &self->record;
+    if (hwm > f->peak) {
+        f->peak = hwm;
+    }
+    if (rss > f->peak) {
+        f->peak = rss;
+    }
+    unlink_locked(f);
+    *r = (mt_record){
+        .path_id = f->path_id,
+        .error_id = error ? intern_locked(ERROR_PARENT, 0, error, strlen(error)) : 0,
+        .pid = mt_os_pid(),
+        .thread_id = f->thread_id,
+        .start = f->start,
+        .duration = end - f->start,
+        .rss_start = f->rss_start,
+        .rss_end = ok ? rss : f->rss_start,
+        .peak_rss = f->peak,
+        .heap_delta = (heap != HEAP_NOT_READ && f->heap_start != HEAP_NOT_READ)
+                          ? heap - f->heap_start
+                          : HEAP_NOT_READ,
+    };
+    record_locked(r);
+    if (mt_worker_joined_locked()) {
+        mt_path *p = &ph.paths[f->path_id];
+        const mt_path *up = f->parent ? &ph.paths[f->parent->path_id] : &ph.paths[ROOT_ID];
+        mt_worker_exit x = {
+            .path = p->path,
+            .path_len = p->path_len,
+            .parent_path = up->path,
+            .parent_len = up->path_len,
+            .parent_depth = f->parent ? f->parent->depth : 0,
+            .outermost = f->depth == 1,
+            .still_open = ph.nopen != 0,
+            .rss_start = r->rss_start,
+            .rss_end = r->rss_end,
+            .peak_rss = r->peak_rss,
+            .heap_used = heap != HEAP_NOT_READ ? (uint64_t)heap : 0,
+            .duration = r->duration,
+        };
+        mt_worker_on_exit_locked(&x, &p->slot_entry, &p->slot_gen);
+    }
+}
+
 static PyObject *
 phase_enter(PhaseObject *self, PyObject *unused)
 {
     mt_frame *f = &self->frame;
     mt_oserr e;
-    uint64_t rss = 0;
+    uint64_t rss = 0, lost = 0;
     int rc = 0;
 
     if (atomic_load_explicit(&mt_disabled, memory_order_relaxed)) {
@@ -439,12 +540,9 @@ phase_enter(PhaseObject *self, PyObject *unused)
     if (f->path_id == 0) {
         rc = -2;
     }
-    else if ((rc = mt_peak_reset_locked(&rss, &e)) == 0) {
-        f->rss_start = rss;
-        f->peak = rss;
-        link_locked(f);
-        const mt_path *p = &ph.paths[f->path_id];
-        mt_worker_on_enter_locked(p->path, p->path_len, f->depth, rss);
+    else if ((rc = mt_peak_reset_locked(&lost, &rss, &e)) == 0) {
+        mt_phase_fold_locked(lost);
+        start_frame_locked(f, rss);
     }
     mtx_unlock(&mt_phase_lock);
 
@@ -455,12 +553,7 @@ phase_enter(PhaseObject *self, PyObject *unused)
         mt_raise_oserr(&e);
         return NULL;
     }
-    uint64_t heap_free;
-    f->heap_start = 0;
-    f->heap_read = atomic_load_explicit(&phase_heap, memory_order_relaxed);
-    if (f->heap_read) {
-        mt_os_heap(&f->heap_start, &heap_free);
-    }
+    f->heap_start = read_heap();
     f->start = mt_os_monotonic();
     tls_top = f;
     self->active = 1;
@@ -490,13 +583,24 @@ pop_thread_chain(mt_frame *f)
     return -1;
 }
 
+/* The class name of the exception type __exit__ was given, or NULL. */
+static const char *
+error_name(PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs > 0 && args[0] != Py_None && PyType_Check(args[0])) {
+        const char *name = ((PyTypeObject *)args[0])->tp_name;
+        const char *dot = strrchr(name, '.');
+        return dot ? dot + 1 : name;
+    }
+    return NULL;
+}
+
 static PyObject *
 phase_exit(PhaseObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     mt_frame *f = &self->frame;
-    mt_record *r = &self->record;
     mt_oserr e;
-    uint64_t hwm = 0, rss = 0, heap = 0, heap_free;
+    uint64_t hwm = 0, rss = 0;
     int rc;
 
     if (!self->active) {
@@ -513,60 +617,12 @@ phase_exit(PhaseObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_FALSE;
     }
     double end = mt_os_monotonic();
-    if (f->heap_read) {
-        mt_os_heap(&heap, &heap_free);
-    }
-    const char *error = NULL;
-    if (nargs > 0 && args[0] != Py_None && PyType_Check(args[0])) {
-        error = ((PyTypeObject *)args[0])->tp_name;
-        const char *dot = strrchr(error, '.');
-        error = dot ? dot + 1 : error;
-    }
+    int64_t heap = f->heap_start != HEAP_NOT_READ ? read_heap() : HEAP_NOT_READ;
+    const char *error = error_name(args, nargs);
 
     mtx_lock(&mt_phase_lock);
-    rc = mt_peak_read_locked(&hwm, &e);
-    if (rc == 0) {
-        rc = mt_os_rss(&rss, &e);
-    }
-    if (hwm > f->peak) {
-        f->peak = hwm;
-    }
-    if (rss > f->peak) {
-        f->peak = rss;
-    }
-    unlink_locked(f);
-    *r = (mt_record){
-        .path_id = f->path_id,
-        .error_id = error ? intern_locked(ERROR_PARENT, 0, error, strlen(error)) : 0,
-        .pid = mt_os_pid(),
-        .thread_id = f->thread_id,
-        .start = f->start,
-        .duration = end - f->start,
-        .rss_start = f->rss_start,
-        .rss_end = rc == 0 ? rss : f->rss_start,
-        .peak_rss = f->peak,
-        .heap_delta = f->heap_read ? (int64_t)heap - (int64_t)f->heap_start : HEAP_NOT_READ,
-    };
-    record_locked(r);
-    if (mt_worker_joined_locked()) {
-        mt_path *p = &ph.paths[f->path_id];
-        const mt_path *up = f->parent ? &ph.paths[f->parent->path_id] : &ph.paths[ROOT_ID];
-        mt_worker_exit x = {
-            .path = p->path,
-            .path_len = p->path_len,
-            .parent_path = up->path,
-            .parent_len = up->path_len,
-            .parent_depth = f->parent ? f->parent->depth : 0,
-            .outermost = f->depth == 1,
-            .still_open = ph.nopen != 0,
-            .rss_start = r->rss_start,
-            .rss_end = r->rss_end,
-            .peak_rss = r->peak_rss,
-            .heap_used = heap,
-            .duration = r->duration,
-        };
-        mt_worker_on_exit_locked(&x, &p->slot_entry, &p->slot_gen);
-    }
+    rc = mt_peak_read_locked(&hwm, &rss, &e);
+    end_frame_locked(self, hwm, rss, rc == 0, end, heap, error);
     mtx_unlock(&mt_phase_lock);
 
     int orphaned = pop_thread_chain(f) < 0;
@@ -580,6 +636,86 @@ phase_exit(PhaseObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_RETURN_FALSE;
+}
+
+/* p.next(name): end this phase and start its sibling `name` in the same
+ * object, with one reading shared by both: the mark read before the reset is
+ * the ended phase's peak and the one its enclosing phases keep; the rss read
+ * after the reset is its end and the sibling's start. 3 system calls where an
+ * exit and an enter make 5, exact as they are. */
+static PyObject *
+phase_next(PhaseObject *self, PyObject *name)
+{
+    mt_frame *f = &self->frame;
+    mt_oserr e;
+    uint64_t lost = 0, rss = 0;
+    uint32_t path_id = 0;
+    int rc = 0;
+
+    if (atomic_load_explicit(&mt_disabled, memory_order_relaxed)) {
+        if (set_name(self, name) < 0) {
+            return NULL;
+        }
+        return Py_NewRef(self);
+    }
+    if (!self->active) {
+        PyErr_SetString(PyExc_RuntimeError, "phase is not active: next() ends an open phase");
+        return NULL;
+    }
+    if (f->inherited) {
+        /* Opened by the parent before fork(): not ours, like its exit. */
+        return set_name(self, name) < 0 ? NULL : Py_NewRef(self);
+    }
+    if (f->thread_id != PyThread_get_thread_ident()) {
+        PyErr_Format(PyExc_RuntimeError, "phase %R was entered by another thread; next() "
+                     "must be called by the thread that entered it", self->name);
+        return NULL;
+    }
+    if (tls_top != f) {
+        PyErr_Format(PyExc_RuntimeError, "phase %R has inner phases still open; end them "
+                     "before next()", self->name);
+        return NULL;
+    }
+    /* The old name stays alive until the record holds its interned copy. */
+    PyObject *old_name = Py_NewRef(self->name);
+    if (set_name(self, name) < 0) {
+        Py_DECREF(old_name);
+        return NULL;
+    }
+    double now = mt_os_monotonic();
+    int64_t heap = read_heap();
+
+    mtx_lock(&mt_phase_lock);
+    path_id = intern_locked(f->parent ? f->parent->path_id : ROOT_ID, f->depth,
+                            self->name_utf8, (size_t)self->name_len);
+    if (path_id == 0) {
+        rc = -2;
+    }
+    else if ((rc = mt_peak_reset_locked(&lost, &rss, &e)) == 0) {
+        /* The lost mark ends this phase, then every other open one gets it. */
+        end_frame_locked(self, lost, rss, 1, now, heap, NULL);
+        mt_phase_fold_locked(lost);
+        f->path_id = path_id;
+        start_frame_locked(f, rss);
+    }
+    mtx_unlock(&mt_phase_lock);
+
+    if (rc < 0) {
+        /* Nothing changed under the lock: the phase goes on under its old name. */
+        int failed = set_name(self, old_name);
+        (void)failed; /* a name that was valid once is valid again */
+        Py_DECREF(old_name);
+        if (rc == -2) {
+            return PyErr_NoMemory();
+        }
+        mt_raise_oserr(&e);
+        return NULL;
+    }
+    Py_DECREF(old_name);
+    self->done = 1;
+    f->heap_start = heap;
+    f->start = now;
+    return Py_NewRef(self);
 }
 
 /* Fill `out` (PhaseStats) from a record; the path strings are stable. */
@@ -676,6 +812,9 @@ static PyMethodDef phase_methods[] = {
     {"__enter__", (PyCFunction)phase_enter, METH_NOARGS, "Start the phase."},
     {"__exit__", (PyCFunction)(void (*)(void))phase_exit, METH_FASTCALL,
      "End the phase and record it; exceptions propagate."},
+    {"next", (PyCFunction)phase_next, METH_O,
+     "next(name): end this phase (stats) and start its sibling `name` in this object,\n"
+     "with one reading shared by both; returns self."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -728,12 +867,13 @@ watch_start(WatchObject *self, PyObject *unused)
         return NULL;
     }
     mtx_lock(&mt_phase_lock);
-    int rc = mt_peak_reset_locked(&rss, &e);
+    int rc = mt_phase_reset_peak_locked(&rss, &e);
     if (rc == 0) {
-        *f = (mt_frame){.watch = 1, .rss_start = rss, .peak = rss, .start = mt_os_monotonic()};
+        *f = (mt_frame){.watch = 1, .rss_start = rss, .peak = rss};
         link_locked(f);
     }
     mtx_unlock(&mt_phase_lock);
+    f->start = mt_os_monotonic();
     if (rc < 0) {
         mt_raise_oserr(&e);
         return NULL;
@@ -757,10 +897,7 @@ watch_stop(WatchObject *self, PyObject *unused)
     int rc = 0;
     mtx_lock(&mt_phase_lock);
     if (!f->inherited) {
-        rc = mt_peak_read_locked(&hwm, &e);
-        if (rc == 0) {
-            rc = mt_os_rss(&rss, &e);
-        }
+        rc = mt_peak_read_locked(&hwm, &rss, &e);
         f->peak = hwm > f->peak ? hwm : f->peak;
         f->peak = rss > f->peak ? rss : f->peak;
         unlink_locked(f);

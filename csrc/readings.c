@@ -25,10 +25,7 @@ mt_peak_rss(PyObject *module, PyObject *unused)
     mt_oserr e;
     uint64_t rss = 0;
     mtx_lock(&mt_phase_lock);
-    int rc = mt_peak_read_locked(&peak, &e);
-    if (rc == 0) {
-        rc = mt_os_rss(&rss, &e);
-    }
+    int rc = mt_peak_read_locked(&peak, &rss, &e);
     peak = mt_peak_user_locked();
     mtx_unlock(&mt_phase_lock);
     if (rc < 0) {
@@ -46,7 +43,7 @@ mt_reset_peak(PyObject *module, PyObject *unused)
     uint64_t rss;
     mt_oserr e;
     mtx_lock(&mt_phase_lock);
-    int rc = mt_peak_reset_locked(&rss, &e);
+    int rc = mt_phase_reset_peak_locked(&rss, &e);
     if (rc == 0) {
         mt_peak_restart_user_locked(rss);
     }
@@ -71,7 +68,7 @@ mt_snapshot(PyObject *module, PyObject *unused)
     /* VmHWM restarts at every phase; report the peak since reset_peak(). */
     uint64_t peak;
     mtx_lock(&mt_phase_lock);
-    int rc = mt_peak_read_locked(&peak, &e);
+    int rc = mt_peak_read_locked(&peak, NULL, &e);
     peak = mt_peak_user_locked();
     mtx_unlock(&mt_phase_lock);
     if (rc < 0) {

@@ -126,11 +126,14 @@ typedef struct {
 static int
 sample_self(RecorderObject *r, double now)
 {
-    uint64_t peak = 0, rss = 0;
+    uint64_t peak = 0, rss = 0, lost = 0;
     char phase[256];
     mt_oserr e;
     mtx_lock(&mt_phase_lock);
-    int rc = mt_peak_take_window_locked(&peak, &rss, &e);
+    int rc = mt_peak_take_window_locked(&peak, &lost, &rss, &e);
+    if (rc == 0) {
+        mt_phase_fold_locked(lost); /* the open phases keep what the reset took */
+    }
     mt_phase_current_locked(phase, sizeof phase);
     mtx_unlock(&mt_phase_lock);
     if (rc < 0) {

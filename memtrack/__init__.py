@@ -82,9 +82,10 @@ def configure(*, max_records: int | None = None, phase_heap: bool | None = None)
     """Change settings; returns those in force.
 
     ``max_records`` resizes the ring of recent phases, keeping the newest. ``phase_heap``
-    turns the malloc heap reading of every phase on or off (on by default): glibc's
-    ``mallinfo2()`` walks the heap's free lists, cheap in a tidy heap and ~10 us per call
-    in a fragmented one; off, ``PhaseStats.heap_delta`` is None.
+    turns the malloc heap reading of every phase on or off (off by default, and then
+    ``PhaseStats.heap_delta`` is None): glibc's ``mallinfo2()`` walks every free chunk and
+    takes every arena's lock, cheap in a tidy heap and milliseconds per call in a heap of
+    many fragments.
     """
     kwargs: dict = {}
     if max_records is not None:

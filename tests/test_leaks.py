@@ -31,6 +31,12 @@ def _failing_phase():
         pass
 
 
+def _next_phase():
+    with memtrack.phase("leak-a") as p:
+        p.next("leak-b")
+        pytest.raises(ValueError, p.next, "")
+
+
 PACKED = _core.pack({"t": "x", "values": list(range(20)), "s": "text"})
 
 ENTRY_POINTS = {
@@ -41,6 +47,7 @@ ENTRY_POINTS = {
     "capabilities": _core.capabilities,
     "phase": _phase,
     "phase with error": _failing_phase,
+    "phase next": _next_phase,
     "phase stats": lambda: memtrack.phase("s").stats,
     "summary": _core.summary,
     "counters": _core.counters,

@@ -80,6 +80,33 @@ def test_peak_is_not_the_parents_in_a_spawned_child():
     assert 7 * MB <= phase_peak < 12 * MB
 
 
+def test_phases_under_the_floor_stay_exact_from_the_status_file_alone():
+    # given a spawned child of a large parent: every reading is under the floor, where the
+    # mark and rss both come from one read of /proc/self/status
+    big = touch(256 * MB)
+    out = run_python(
+        """
+        import memtrack
+        from conftest import MB, touch
+        with memtrack.phase("spike") as p:
+            b = touch(24 * MB)
+            del b
+            p.next("calm")
+            keep = touch(4 * MB)
+        calm = p.stats
+        print(calm.peak_delta, calm.rss_delta, memtrack.rss() - calm.rss_end,
+              memtrack.records()[0].peak_delta)
+        """,
+        env={"PYTHONPATH": __import__("os").path.dirname(__file__)},
+    )
+    del big
+    calm_peak, calm_delta, rss_gap, spike_peak = map(int, out.stdout.split())
+    # then the spike is its own, the calm phase's peak is its 4 MB, and rss is the real one
+    assert 23 * MB <= spike_peak < 28 * MB
+    assert 3 * MB <= calm_peak < 6 * MB and 3 * MB <= calm_delta < 6 * MB
+    assert abs(rss_gap) < 2 * MB
+
+
 def test_peak_rss_is_never_below_rss_while_memory_grows():
     chunks = []
     for _ in range(300):

@@ -63,8 +63,11 @@ long mt_os_pid(void);
 int mt_os_trim(void);                            /* give free heap back to the OS; 1 if any was */
 int mt_os_rss(uint64_t *rss, mt_oserr *e);       /* fast path */
 int mt_os_hwm(uint64_t *hwm, mt_oserr *e);       /* fast, may be stale: see peak.c */
-int mt_os_hwm_exact(uint64_t *hwm, mt_oserr *e); /* slow, never stale */
+/* Slow (/proc/self/status), never stale: the mark, and rss from the same read. */
+int mt_os_hwm_exact(uint64_t *hwm, uint64_t *rss, mt_oserr *e);
 int mt_os_reset_hwm(mt_oserr *e);
+/* malloc's heap in use and free (glibc mallinfo2): its cost grows with the number of
+ * free chunks and it takes every arena's lock, so no hot path calls it by default. */
 int mt_os_heap(uint64_t *used, uint64_t *free_bytes);
 int mt_os_sample(mt_sample *s, mt_oserr *e);
 int mt_os_footprint(mt_footprint *f, mt_oserr *e);

@@ -177,7 +177,7 @@ heartbeat_main(void *unused)
         uint64_t rss = 0, peak = 0, heap = 0, heap_free;
         mt_os_heap(&heap, &heap_free);
         mtx_lock(&mt_phase_lock);
-        if (wk.slot != NULL && mt_os_rss(&rss, &e) == 0 && mt_peak_read_locked(&peak, &e) == 0) {
+        if (wk.slot != NULL && mt_os_rss(&rss, &e) == 0 && mt_peak_read_locked(&peak, NULL, &e) == 0) {
             mt_slot *s = wk.slot;
             write_begin(s);
             s->rss = rss;
@@ -355,7 +355,9 @@ mt_worker_on_exit_locked(const mt_worker_exit *x, int *entry_cache, uint32_t *en
     if (x->rss_end > s->peak_rss) {
         s->peak_rss = x->rss_end;
     }
-    s->heap_used = x->heap_used;
+    if (x->heap_used != 0) { /* 0: not read (phase_heap off); the heartbeat's stays */
+        s->heap_used = x->heap_used;
+    }
     raise_window(s, x->peak_rss > x->rss_end ? x->peak_rss : x->rss_end);
     int entry = (*entry_gen == wk.generation) ? *entry_cache : -2;
     if (entry < -1 || entry >= (int)SLOT_PHASES) {

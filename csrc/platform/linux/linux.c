@@ -203,18 +203,40 @@ read_proc(int fd, const char *path, char *buf, size_t size, mt_oserr *e)
     return n;
 }
 
+/* The decimal number at *p (advanced past it); -1 when there is none. */
+static int
+parse_decimal(const char **p, const char *end, uint64_t *out)
+{
+    const char *s = *p;
+    uint64_t v = 0;
+    if (s == end || *s < '0' || *s > '9') {
+        return -1;
+    }
+    for (; s < end && *s >= '0' && *s <= '9'; s++) {
+        v = v * 10 + (uint64_t)(*s - '0');
+    }
+    *p = s;
+    *out = v;
+    return 0;
+}
+
+/* statm is "size resident shared text lib data dt" in pages. A hand-rolled
+ * parse of the first two fields: sscanf costs as much as the pread here. */
 int
 mt_os_rss(uint64_t *rss, mt_oserr *e)
 {
     char buf[128];
-    unsigned long long size = 0, resident = 0;
-    if (read_proc(os.statm, PROC_STATM, buf, sizeof buf, e) < 0) {
+    ssize_t n = read_proc(os.statm, PROC_STATM, buf, sizeof buf, e);
+    if (n < 0) {
         return -1;
     }
-    if (sscanf(buf, "%llu %llu", &size, &resident) != 2) {
+    const char *p = buf, *end = buf + n;
+    uint64_t size, resident;
+    if (parse_decimal(&p, end, &size) < 0 || p == end || *p++ != ' ' ||
+        parse_decimal(&p, end, &resident) < 0) {
         return mt_fail(e, "pread", PROC_STATM, EPROTO);
     }
-    *rss = (uint64_t)resident * (uint64_t)os.page_size;
+    *rss = resident * (uint64_t)os.page_size;
     return 0;
 }
 
@@ -249,14 +271,50 @@ find_kb(const char *text, const char *key, uint64_t *out)
     return 0;
 }
 
-int
-mt_os_hwm_exact(uint64_t *hwm, mt_oserr *e)
+/* The kB value of the line "Key:<spaces>N kB" at or after *p in [*p, end),
+ * key given with its colon; *p is left after the number, so that keys are
+ * looked up in the order the kernel prints them. */
+static int
+scan_kb(const char **p, const char *end, const char *key, size_t klen, uint64_t *out)
 {
-    char buf[8192];
-    if (read_proc(os.status, PROC_STATUS, buf, sizeof buf, e) < 0) {
+    const char *s = *p;
+    for (;;) {
+        if ((size_t)(end - s) < klen) {
+            return -1;
+        }
+        if (memcmp(s, key, klen) == 0) {
+            break;
+        }
+        const char *nl = memchr(s, '\n', (size_t)(end - s));
+        if (nl == NULL) {
+            return -1;
+        }
+        s = nl + 1;
+    }
+    s += klen;
+    while (s < end && (*s == ' ' || *s == '\t')) {
+        s++;
+    }
+    uint64_t kb;
+    if (parse_decimal(&s, end, &kb) < 0) {
         return -1;
     }
-    if (!find_kb(buf, "VmHWM", hwm)) {
+    *p = s;
+    *out = kb * 1024u;
+    return 0;
+}
+
+int
+mt_os_hwm_exact(uint64_t *hwm, uint64_t *rss, mt_oserr *e)
+{
+    char buf[8192];
+    ssize_t n = read_proc(os.status, PROC_STATUS, buf, sizeof buf, e);
+    if (n < 0) {
+        return -1;
+    }
+    /* VmHWM comes just before VmRSS in every kernel since 2.6. */
+    const char *p = buf, *end = buf + n;
+    if (scan_kb(&p, end, "VmHWM:", 6, hwm) < 0 || scan_kb(&p, end, "VmRSS:", 6, rss) < 0) {
         return mt_fail(e, "pread", PROC_STATUS, EPROTO);
     }
     return 0;
