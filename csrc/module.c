@@ -170,6 +170,12 @@ mt_set_disabled(PyObject *module, PyObject *flag)
 }
 
 static PyObject *
+mt_is_disabled(PyObject *module, PyObject *unused)
+{
+    return PyBool_FromLong(atomic_load(&mt_disabled));
+}
+
+static PyObject *
 mt_use_sampler(PyObject *module, PyObject *reason)
 {
     if (!PyUnicode_Check(reason)) {
@@ -223,6 +229,8 @@ static PyMethodDef module_methods[] = {
     {"unpack_stream", mt_unpack_stream, METH_O,
      "unpack_stream(data) -> (objects, consumed, error or None)."},
     {"set_disabled", mt_set_disabled, METH_O, "set_disabled(flag): MEMTRACK_DISABLE."},
+    {"is_disabled", mt_is_disabled, METH_NOARGS,
+     "is_disabled() -> bool: MEMTRACK_DISABLE or set_disabled(True) in force (no syscall)."},
     {"use_sampler", mt_use_sampler, METH_O,
      "use_sampler(reason): keep peaks with the sampling thread from now on."},
     {"join", mt_worker_join, METH_O, "join(name) -> slot index, or -1 when the table is full."},

@@ -266,6 +266,9 @@ def configure(*, max_records: int = ..., phase_heap: bool = ...) -> dict[str, in
 def counters() -> dict[str, int]:
     """{"paths", "open", "overflowed", "dropped", "records"}: table sizes, for tests."""
 def set_disabled(flag: object, /) -> None: ...
+def is_disabled() -> bool:
+    """MEMTRACK_DISABLE (or set_disabled(True)) in force; no system call."""
+
 def use_sampler(reason: str, /) -> None: ...
 
 # --------------------------------------------------------------------------------------

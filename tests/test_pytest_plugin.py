@@ -701,3 +701,66 @@ def test_phases_are_still_the_tests_after_it_calls_memtrack_reset(pytester, run)
     result = run("-s")
     result.assert_outcomes(passed=2)
     assert "PHASES [('after', 3)]" in result.stdout.str()
+
+
+def test_always_on_reads_retained_without_collecting_unless_it_rose(pytester, run):
+    # given a suite under --memtrack: tests that keep nothing, one that keeps 24 MiB, one
+    # that leaves 24 MiB of garbage in a reference cycle, and one with a retained= limit
+    pytester.makeconftest("""
+        import gc
+
+        FULL = []
+        gc.callbacks.append(lambda phase, info: phase == "start" and info["generation"] == 2
+                            and FULL.append(1))
+
+        def pytest_terminal_summary(terminalreporter):
+            terminalreporter.write_line(f"FULL COLLECTIONS {len(FULL)}")
+    """)
+    pytester.makepyfile(test_retained="""
+        import gc
+        import pytest
+        from helpers import touch
+
+        KEPT = []
+
+        @pytest.mark.parametrize("i", range(20))
+        def test_keeps_nothing(i):
+            pass
+
+        def test_keeps_24_mib():
+            KEPT.append(touch(24))
+
+        def test_leaves_a_cycle_of_24_mib():
+            gc.disable()  # only the plugin's collection may free it
+            cycle = [touch(24)]
+            cycle.append(cycle)
+
+        @pytest.mark.memtrack(retained="100 MB")
+        def test_with_a_retained_limit():
+            gc.enable()
+    """)
+    result = run("--memtrack", "--memtrack-top=30")
+    result.assert_outcomes(passed=23)
+    # then the kept memory is retained and the garbage is not (the rise was confirmed by
+    # a collection), both ranked in the summary by their peaks as before
+    rows = {}
+    for line in result.stdout.lines:
+        m = re.fullmatch(r"\s*([0-9.]+ [KMG]?i?B)\s+([-+]?[0-9.]+ [KMG]?i?B)\s+(\S+)", line)
+        if m:
+            rows[m.group(3).split("::")[-1]] = (m.group(1), m.group(2))
+    ranked = [name for name in rows]
+    assert ranked[:2] == ["test_keeps_24_mib", "test_leaves_a_cycle_of_24_mib"] or \
+        ranked[:2] == ["test_leaves_a_cycle_of_24_mib", "test_keeps_24_mib"], ranked
+    size = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+    def number(text):
+        value, unit = text.split()
+        return float(value) * size[unit]
+
+    assert 20 << 20 < number(rows["test_keeps_24_mib"][1]) < 26 << 20  # less what gc freed
+    assert number(rows["test_leaves_a_cycle_of_24_mib"][0]) > 23 << 20
+    assert number(rows["test_leaves_a_cycle_of_24_mib"][1]) < 1 << 20
+    # and the 20 quiet tests were read without a full collection: only the two rises that
+    # needed confirming and the limited test's two collections, not two per test
+    full = int(re.search(r"FULL COLLECTIONS (\d+)", result.stdout.str()).group(1))
+    assert full <= 6, full

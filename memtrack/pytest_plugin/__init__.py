@@ -12,8 +12,12 @@ How a test is measured (in ``pytest_runtest_call``, around the test body only):
   test resets (the C core folds the mark into every open phase and watch before a reset),
   so phases inside the test do not hide the test's peak; the watch is never recorded and
   changes no phase path.
-- **retained**: RSS after the body, ``gc.collect()`` and ``malloc_trim(0)``, minus the same
-  before it.
+- **retained**: RSS after the body minus RSS before it. A test with a ``retained=`` limit,
+  or that uses the ``memtrack`` fixture, gets ``gc.collect()`` and ``malloc_trim(0)`` before
+  both readings. Every other test (``--memtrack`` over a whole suite) is read without a
+  collection, which costs tens of milliseconds per test on a grown heap; only an increase
+  of more than RETAINED_CONFIRM is confirmed by a collection and a second reading (the
+  garbage of earlier tests that it frees counts against the increase, never for it).
 - **phases**: the test's own phases (the records completed during the body).
 - **workers**: when the fixture or a marker that needs them is used, a
   :class:`~memtrack.WorkerTable` is created for the test and named in ``MEMTRACK_TABLE``
@@ -56,6 +60,8 @@ TABLE_CAPACITY = 128
 BASELINE_FORMAT = "memtrack-baseline/1"
 LIMITS = ("peak", "retained", "worker_peak", "pool_peak", "phases")
 TOP_PHASES = 3
+#: An uncollected rise of RSS over this is confirmed by gc.collect() + malloc_trim().
+RETAINED_CONFIRM = 1024 * 1024
 
 _STATE = pytest.StashKey["_TestState"]()
 _PLUGIN = "memtrack-session"
@@ -276,7 +282,8 @@ class Measurement:
         return max(found) if found else None
 
 
-def _retained_rss() -> int:
+def _collected_rss() -> int:
+    """RSS once the garbage is collected and malloc has returned what it can."""
     gc.collect()
     _core.trim()
     return _core.rss()
@@ -412,6 +419,13 @@ class _TestState:
         self.runs: list[Measurement] = []
         self.report: dict[str, Any] | None = None  #: the baseline comparison
 
+    @property
+    def collects(self) -> bool:
+        """Whether retained memory is read after a full collection on both sides: for a
+        ``retained=`` limit, and for the fixture (whose ``retained`` says so)."""
+        return bool(self.limits and "retained" in self.limits.sizes) or \
+            "memtrack" in getattr(self.item, "fixturenames", ())
+
     def open_table(self) -> WorkerTable:
         if self.table is None:
             self.table = WorkerTable(capacity=TABLE_CAPACITY, heartbeat=TABLE_HEARTBEAT)
@@ -439,7 +453,8 @@ class _TestState:
         self.pool_peak_seen = None
         completed_before = _core.counters()["completed"]
         started = time.monotonic()
-        before = _retained_rss()
+        careful = self.collects
+        before = _collected_rss() if careful else 0
         watch = _Watch(self.table, self.saw_pool)
         self.running = True
         try:
@@ -447,13 +462,20 @@ class _TestState:
                 yield
         finally:
             self.running = False
-            after = _retained_rss()
+            stats = watch.stats
+            if careful:
+                after = _collected_rss()
+            elif stats is None:  # the watch could not read: nothing to compare
+                after = before = _core.rss()
+            else:
+                before, after = stats.rss_start, stats.rss_end
+                if after - before > RETAINED_CONFIRM:  # a real increase, or garbage?
+                    after = min(after, _collected_rss())
             workers = []
             if self.table is not None:
                 workers = [w for w in self.table.workers()
                            if w.state == "corrupt" or (w.joined or 0) >= started
                            or w.state in ("idle", "running")]
-            stats = watch.stats
             self.runs.append(Measurement(
                 peak=stats.peak_delta if stats is not None else 0,
                 retained=after - before,
@@ -745,7 +767,7 @@ class MemtrackSession:
         state = item.stash.get(_STATE, None)
         if state is None:
             return (yield)
-        if _core.capabilities()["disabled"]:
+        if _core.is_disabled():
             item.warn(pytest.PytestWarning(
                 "memtrack is disabled (MEMTRACK_DISABLE): this test's memory is not checked"))
             return (yield)
