@@ -72,6 +72,19 @@ int mt_os_heap(uint64_t *used, uint64_t *free_bytes);
 int mt_os_sample(mt_sample *s, mt_oserr *e);
 int mt_os_footprint(mt_footprint *f, mt_oserr *e);
 
+/* A limit the OS sets on this process's memory, where the platform layer
+ * reads it (the cgroup limits of Linux are read by memtrack/limits.py):
+ * Linux RLIMIT_AS against the address space; Windows the job object the
+ * process runs in (its per-process or whole-job limit on committed memory,
+ * the tighter one). Returns 1 with *m filled in, 0 when there is none, or
+ * -1 with *e filled in. */
+typedef struct {
+    uint64_t limit;     /* bytes */
+    uint64_t used;      /* what counts against it now, bytes */
+    const char *source; /* "RLIMIT_AS", "job object (process memory)" ... */
+} mt_memory_limit;
+int mt_os_memory_limit(mt_memory_limit *m, mt_oserr *e);
+
 void mt_os_sleep(double seconds);
 double mt_os_wall_time(void);
 uint64_t mt_os_pid_namespace(void);
@@ -114,7 +127,7 @@ int mt_os_children(long pid, long *out, size_t *n, size_t max);
 int mt_os_write_all(int fd, const char *buf, size_t len, mt_oserr *e);
 int mt_os_pidfd_open(long pid);
 int mt_os_pidfd_alive(int fd);
-void mt_os_close(int fd);
+void mt_os_close(int fd); /* a descriptor or handle any mt_os_* function returned */
 /* One epoll set of pidfds: a pidfd becomes ready when its process exits, so
  * one mt_os_epoll_ready() call (never blocking) names every owner that died
  * since the last call, however many are watched. Keys are the caller's. */

@@ -435,6 +435,32 @@ mt_os_footprint(mt_footprint *fp, mt_oserr *e)
     return 0;
 }
 
+/* RLIMIT_AS (ulimit -v) bounds the address space, so also what can become
+ * resident; used is VmSize, what counts against it. */
+int
+mt_os_memory_limit(mt_memory_limit *m, mt_oserr *e)
+{
+    struct rlimit rl;
+    char buf[128];
+    unsigned long long size = 0;
+    if (getrlimit(RLIMIT_AS, &rl) != 0) {
+        return mt_fail(e, "getrlimit", NULL, errno);
+    }
+    if (rl.rlim_cur == RLIM_INFINITY) {
+        return 0;
+    }
+    if (read_proc(os.statm, PROC_STATM, buf, sizeof buf, e) < 0) {
+        return -1;
+    }
+    if (sscanf(buf, "%llu", &size) != 1) {
+        return mt_fail(e, "pread", PROC_STATM, EPROTO);
+    }
+    m->limit = (uint64_t)rl.rlim_cur;
+    m->used = (uint64_t)size * (uint64_t)os.page_size;
+    m->source = "RLIMIT_AS";
+    return 1;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Shared segments and other processes (the worker table).                   */
 
