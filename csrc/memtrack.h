@@ -21,12 +21,19 @@
 
 #define MT_VERSION "0.1.0"
 
+/* MT_PLATFORM_TESTED: whether this extension's suite has run on the
+ * platform (capabilities()["platform_tested"]). Only Linux so far: the
+ * Windows layer's C tests run under wine, the extension itself has not run
+ * on a Windows CPython, and nothing has run on macOS (docs/platforms.md). */
 #if defined(MEMTRACK_LINUX)
 #define MT_PLATFORM "linux"
+#define MT_PLATFORM_TESTED 1
 #elif defined(MEMTRACK_MACOS)
 #define MT_PLATFORM "macos"
+#define MT_PLATFORM_TESTED 0
 #elif defined(MEMTRACK_WINDOWS)
 #define MT_PLATFORM "windows"
+#define MT_PLATFORM_TESTED 0
 #else
 #error "setup.py defines one of MEMTRACK_LINUX, MEMTRACK_MACOS, MEMTRACK_WINDOWS"
 #endif
@@ -219,6 +226,7 @@ PyObject *mt_reset_peak(PyObject *module, PyObject *unused);
 PyObject *mt_snapshot(PyObject *module, PyObject *unused);
 PyObject *mt_footprint_py(PyObject *module, PyObject *unused);
 PyObject *mt_capabilities(PyObject *module, PyObject *unused);
+PyObject *mt_memory_limit_py(PyObject *module, PyObject *unused);
 
 PyObject *mt_pack(PyObject *module, PyObject *obj);
 PyObject *mt_unpack_stream(PyObject *module, PyObject *data);

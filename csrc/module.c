@@ -215,6 +215,9 @@ static PyMethodDef module_methods[] = {
      "reset_peak(): restart the high-water mark at the current rss."},
     {"snapshot", mt_snapshot, METH_NOARGS, "snapshot() -> Sample."},
     {"footprint", mt_footprint_py, METH_NOARGS, "footprint() -> Footprint (uss, pss, shared)."},
+    {"memory_limit", mt_memory_limit_py, METH_NOARGS,
+     "memory_limit() -> (limit, used, source) | None: the OS's limit on this process "
+     "(RLIMIT_AS on Linux, the job object on Windows)."},
     {"capabilities", mt_capabilities, METH_NOARGS,
      "capabilities() -> dict: peak method in force, readings this platform lacks."},
     {"summary", mt_summary, METH_NOARGS, "summary() -> {path: PhaseSummary}."},

@@ -182,10 +182,30 @@ mt_capabilities(PyObject *module, PyObject *unused)
     }
     mtx_unlock(&mt_phase_lock);
     PyObject *why = sampler ? PyUnicode_FromString(reason) : Py_NewRef(Py_None);
-    return Py_BuildValue("{s:s,s:s,s:N,s:d,s:N,s:O}", "platform", MT_PLATFORM, "peak_method",
+    return Py_BuildValue("{s:s,s:O,s:s,s:N,s:d,s:N,s:O}", "platform", MT_PLATFORM,
+                         "platform_tested", MT_PLATFORM_TESTED ? Py_True : Py_False, "peak_method",
                          sampler ? "sampler" : "kernel", "peak_fallback_reason", why,
                          "sampler_interval", mt_peak_sampler_interval(), "lacks", lacks, "disabled",
                          atomic_load(&mt_disabled) ? Py_True : Py_False);
+}
+
+/* memory_limit() -> (limit, used, source) or None: the limit the platform
+ * layer reads (RLIMIT_AS on Linux, the job object on Windows). */
+PyObject *
+mt_memory_limit_py(PyObject *module, PyObject *unused)
+{
+    mt_memory_limit m;
+    mt_oserr e;
+    int rc = mt_os_memory_limit(&m, &e);
+    if (rc < 0) {
+        mt_raise_oserr(&e);
+        return NULL;
+    }
+    if (rc == 0) {
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("(KKs)", (unsigned long long)m.limit, (unsigned long long)m.used,
+                         m.source);
 }
 
 int

@@ -213,8 +213,12 @@ def footprint() -> Footprint:
     """USS, PSS and shared bytes from /proc/self/smaps_rollup (slower; releases the GIL)."""
 
 def capabilities() -> dict[str, Any]:
-    """{"platform": str, "peak_method": "kernel" | "sampler", "peak_fallback_reason":
-    str | None, "sampler_interval": float, "lacks": list[str], "disabled": bool}."""
+    """{"platform": str, "platform_tested": bool, "peak_method": "kernel" | "sampler",
+    "peak_fallback_reason": str | None, "sampler_interval": float, "lacks": list[str],
+    "disabled": bool}."""
+def memory_limit() -> tuple[int, int, str] | None:
+    """(limit, used, source) of the OS's limit on this process (RLIMIT_AS on Linux, the
+    job object on Windows), or None when there is none."""
 def trim() -> bool:
     """Return free malloc heap to the OS (malloc_trim(0)); True if any was returned."""
 

@@ -9,7 +9,10 @@ OOM-killed. The limits that bind come from the cgroup of the process, so this mo
    binds its children too);
 2. cgroup v1: the ``memory`` / ``cpu`` controller lines of ``/proc/self/cgroup`` and
    ``memory.limit_in_bytes``, ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` likewise;
-3. the host: ``/proc/meminfo`` and the CPU count / affinity of the process.
+3. the host: ``/proc/meminfo`` and the CPU count / affinity of the process;
+4. for ``root="/"``, the limit the platform layer reads on the process itself
+   (``memtrack._core.memory_limit()``: ``RLIMIT_AS`` on Linux, the job object's memory
+   limits on Windows), as one more level.
 
 Hybrid machines mount v1 controllers *and* a v2 hierarchy; whichever hierarchy actually
 has the memory (or cpu) files is used. Mount points come from ``/proc/self/mountinfo``
@@ -29,6 +32,8 @@ import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from . import _core
+
 __all__ = ["CpuLimit", "SystemMemory", "cpu_limit", "cpu_limit_info", "system_memory"]
 
 #: cgroup v1 reports "no limit" as LONG_MAX rounded down to a page (9223372036854771712
@@ -47,10 +52,12 @@ class SystemMemory:
                   ``min(MemAvailable, limit - usage)`` where usage leaves out reclaimable
                   file cache (``inactive_file``); with nested cgroups, the tightest level.
     limit:        the smallest cgroup limit (``memory.max``, ``memory.high`` or
-                  ``memory.limit_in_bytes``) below host RAM, or None when there is none.
+                  ``memory.limit_in_bytes``) or platform limit (``RLIMIT_AS``, a Windows
+                  job object's) below host RAM, or None when there is none.
     limit_source: the file ``limit`` came from as an absolute path inside the machine or
-                  container, e.g. ``"/sys/fs/cgroup/memory.max"``; ``"/proc/meminfo"``
-                  when there is no cgroup limit.
+                  container, e.g. ``"/sys/fs/cgroup/memory.max"``, or the platform
+                  limit's name (``"RLIMIT_AS"``, ``"job object (job memory)"``);
+                  ``"/proc/meminfo"`` when there is no limit.
     used:         the usage of the cgroup that sets ``limit`` (without inactive file
                   cache) when limited, else ``MemTotal - MemAvailable``.
     swap_total, swap_free: from ``/proc/meminfo`` (host-wide).
@@ -409,6 +416,11 @@ def system_memory(root: str | os.PathLike[str] = "/") -> SystemMemory:
     if levels is None:
         levels = _v1_memory_levels(root, host.total)
     levels = levels or []
+    if _is_real_root(root):
+        platform = _core.memory_limit()
+        if platform is not None and (host.total is None or platform[0] < host.total):
+            limit, used, source = platform
+            levels.append(_Level(limit, source, used))
 
     if not levels:
         if host.total is None:
@@ -431,7 +443,8 @@ def system_memory(root: str | os.PathLike[str] = "/") -> SystemMemory:
         total=total,
         available=available,
         limit=binding.limit,
-        limit_source=_shown_path(root, binding.limit_file),
+        limit_source=_shown_path(root, binding.limit_file) if os.path.isabs(binding.limit_file)
+        else binding.limit_file,  # "RLIMIT_AS", "job object (job memory)"
         used=usage_of(binding),
         swap_total=host.swap_total,
         swap_free=host.swap_free,

@@ -45,6 +45,7 @@ ENTRY_POINTS = {
     "reset_peak": _core.reset_peak,
     "snapshot": _core.snapshot,
     "capabilities": _core.capabilities,
+    "memory_limit": _core.memory_limit,
     "phase": _phase,
     "phase with error": _failing_phase,
     "phase next": _next_phase,

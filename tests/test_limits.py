@@ -701,3 +701,44 @@ def test_system_memory_is_a_frozen_value() -> None:
     # when / then
     with pytest.raises(dataclasses.FrozenInstanceError):
         memory.total = 1  # type: ignore[misc]
+
+
+def test_rlimit_as_is_the_platform_limit_and_binds_system_memory() -> None:
+    # given: a process whose address space is limited (ulimit -v) below the host's RAM
+    total = system_memory().total
+    limit = min(2 * GiB, total // 2) // MiB * MiB
+    script = (
+        "import json, resource\n"
+        f"resource.setrlimit(resource.RLIMIT_AS, ({limit}, resource.RLIM_INFINITY))\n"
+        "from memtrack import _core\n"
+        "from memtrack.limits import system_memory\n"
+        "m = system_memory()\n"
+        "print(json.dumps([_core.memory_limit(), m.limit, m.limit_source, m.used]))\n"
+    )
+
+    # when
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True).stdout
+    (seen_limit, used, source), memory_limit, memory_source, memory_used = json.loads(out)
+
+    # then: the platform layer reads it, with the address space used against it
+    assert (seen_limit, source) == (limit, "RLIMIT_AS")
+    assert 0 < used < limit
+    # and, unless a cgroup binds tighter, it is the limit system_memory() reports
+    if memory_source == "RLIMIT_AS":
+        assert memory_limit == limit and memory_used == used
+    else:
+        assert memory_limit < limit
+
+
+def test_no_rlimit_no_platform_limit() -> None:
+    # given this test process, which runs without an RLIMIT_AS (as pytest is started here)
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
+        pytest.skip("this pytest runs under an RLIMIT_AS (ulimit -v)")
+    # then
+    from memtrack import _core
+
+    assert _core.memory_limit() is None
+    assert system_memory().limit_source != "RLIMIT_AS"

@@ -131,6 +131,7 @@ def test_peak_rss_is_not_reset_by_phases():
 def test_capabilities_report_the_kernel_method_here():
     caps = memtrack.capabilities()
     assert caps["platform"] == "linux"
+    assert caps["platform_tested"] is True  # False on Windows and macOS (docs/platforms.md)
     assert caps["peak_method"] == "kernel"
     assert caps["peak_fallback_reason"] is None
     assert set(caps["lacks"]) <= {"heap"}  # "heap" only under another malloc (ASan run)
