@@ -57,10 +57,13 @@ if os.environ.get("MEMTRACK_STRICT") == "1":
 if os.environ.get("MEMTRACK_SANITIZE") == "1":
     compile_args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
 
+platform_sources = sorted(glob.glob(f"csrc/platform/{folder}/*.c"))
+if not platform_sources:
+    sys.exit(f"memtrack: csrc/platform/{folder}/ has no platform layer to build")
+
 core = Extension(
     "memtrack._core",
-    sources=sorted(glob.glob("csrc/*.c")) + sorted(glob.glob("csrc/table/*.c"))
-    + sorted(glob.glob(f"csrc/platform/{folder}/*.c")),
+    sources=sorted(glob.glob("csrc/*.c")) + sorted(glob.glob("csrc/table/*.c")) + platform_sources,
     depends=["csrc/memtrack.h", "csrc/platform/platform.h", "csrc/table/layout.h",
              "csrc/table/table.h"],
     define_macros=[(f"MEMTRACK_{folder.upper()}", "1")],
