@@ -15,6 +15,8 @@
 
 #include <aclapi.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <io.h>
 #include <psapi.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -129,6 +131,20 @@ test_clocks_random_and_small_things(void)
     CHECK(memcmp(a, b, sizeof a) != 0);
     CHECK(mt_os_register_atfork(NULL, NULL, NULL) == 0);
     mt_os_trim(); /* must not crash; its result is advisory */
+
+    /* write_all on a C runtime descriptor, read back. */
+    char path[MAX_PATH], dir[MAX_PATH], back[64] = {0};
+    CHECK(GetTempPathA(sizeof dir, dir) > 0 && GetTempFileNameA(dir, "mt", 0, path) != 0);
+    int fd = _open(path, _O_WRONLY | _O_TRUNC | _O_BINARY);
+    CHECK(fd >= 0 && mt_os_write_all(fd, "recorded bytes", 14, &e) == 0);
+    CHECK(mt_os_write_all(-1, "x", 1, &e) == -1 && e.err == EBADF);
+    _close(fd);
+    FILE *f = fopen(path, "rb");
+    CHECK(f != NULL && fread(back, 1, sizeof back, f) == 14 && memcmp(back, "recorded bytes", 14) == 0);
+    if (f != NULL) {
+        fclose(f);
+    }
+    DeleteFileA(path);
 }
 
 /* ------------------------------------------------------------------------ */
