@@ -39,6 +39,7 @@
 #include <sys/event.h>
 #include <sys/proc.h> /* SZOMB */
 #include <sys/proc_info.h>
+#include <sys/sysctl.h>
 #endif
 
 /* Written by mt_os_init() (under the GIL, before any reader thread) and by
@@ -187,7 +188,8 @@ mt_os_close(int fd)
 
 /* 1 while the process runs: the kqueue of mt_os_pidfd_open() turns
  * readable once NOTE_EXIT is pending, and poll() never dequeues it, so a
- * dead process stays dead for every later ask (as a Linux pidfd). */
+ * dead process stays dead for every later ask (as a Linux pidfd); so does
+ * the watch set below, which waits for that readability. */
 int
 mt_os_pidfd_alive(int fd)
 {
@@ -199,31 +201,8 @@ mt_os_pidfd_alive(int fd)
     return r == 0;
 }
 
-void
-mt_os_pidfds_poll(mt_watch *w, size_t n)
-{
-    struct pollfd small[256], *p = n <= 256 ? small : malloc(n * sizeof *p);
-    if (p == NULL) {
-        return; /* each owner is then asked on its own */
-    }
-    for (size_t i = 0; i < n; i++) {
-        p[i] = (struct pollfd){.fd = w[i].fd, .events = POLLIN}; /* -1: ignored */
-    }
-    int r;
-    do {
-        r = poll(p, (nfds_t)n, 0);
-    } while (r < 0 && errno == EINTR);
-    for (size_t i = 0; r >= 0 && i < n; i++) {
-        w[i].polled = w[i].fd >= 0;
-        w[i].alive = (p[i].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL)) == 0;
-    }
-    if (p != small) {
-        free(p);
-    }
-}
-
 /* ------------------------------------------------------------------------ */
-/* Shared segments: POSIX shm, with two macOS differences handled here.     */
+/* Shared segments: POSIX shm, with three macOS differences handled here.   */
 
 /*
  * - A shm name holds at most 31 bytes (PSHMNAMLEN) and memtrack's are
@@ -232,7 +211,11 @@ mt_os_pidfds_poll(mt_watch *w, size_t n)
  *   stays in the hash, and O_EXCL keeps anyone from taking it over first.
  * - fstat() reports a shm object's size rounded up to whole pages, and
  *   ftruncate() works only once: the segment starts with one page that
- *   records the size the creator asked for; callers see the bytes after it.
+ *   records the size the creator asked for; callers see the bytes after it,
+ *   and offsets and sizes are those of the caller's bytes.
+ * - read() and pread() do not work on a shm descriptor: mt_os_pread maps.
+ * The size cannot change after the first ftruncate(), so no mapping can
+ * lose its pages under a reader (mt_os_guarded has nothing to catch).
  */
 #define SHM_NAME_MAX 31
 #define SEG_PREFIX 4096u
@@ -260,7 +243,7 @@ shm_name(const char *name, char *out, size_t out_len)
 }
 
 int
-mt_os_shm_create(const char *name, size_t size, void **addr, mt_oserr *e)
+mt_os_shm_create(const char *name, size_t size, void **addr, int *fd_out, mt_oserr *e)
 {
     char short_name[SHM_NAME_MAX + 1];
     const char *path = shm_name(name, short_name, sizeof short_name);
@@ -279,56 +262,114 @@ mt_os_shm_create(const char *name, size_t size, void **addr, mt_oserr *e)
         return mt_fail(e, "ftruncate", name, err);
     }
     char *p = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    int err = errno;
-    close(fd);
     if (p == MAP_FAILED) {
+        int err = errno;
+        close(fd);
         shm_unlink(path);
         return mt_fail(e, "mmap", name, err);
     }
     seg_prefix *h = (seg_prefix *)p;
     memcpy(h->magic, SEG_MAGIC, sizeof h->magic);
     h->size = size;
+    if (fd_out != NULL) {
+        *fd_out = fd;
+    }
+    else {
+        close(fd);
+    }
     *addr = p + SEG_PREFIX;
     return 0;
 }
 
+/* The size the creator recorded in the first page; 0 when there is none. */
+static uint64_t
+recorded_size(int fd, uint64_t file_size)
+{
+    uint64_t size = 0;
+    if (file_size < SEG_PREFIX) {
+        return 0;
+    }
+    const seg_prefix *h = mmap(NULL, SEG_PREFIX, PROT_READ, MAP_SHARED, fd, 0);
+    if (h == MAP_FAILED) {
+        return 0;
+    }
+    if (memcmp(h->magic, SEG_MAGIC, sizeof h->magic) == 0 && h->size <= file_size - SEG_PREFIX) {
+        size = h->size;
+    }
+    munmap((void *)h, SEG_PREFIX);
+    return size;
+}
+
 int
-mt_os_shm_attach(const char *name, void **addr, size_t *size, mt_oserr *e)
+mt_os_fd_info(int fd, mt_file_info *info)
+{
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        return -1;
+    }
+    uint64_t file_size = st.st_size > 0 ? (uint64_t)st.st_size : 0;
+    info->size = recorded_size(fd, file_size);
+    info->uid = (uint32_t)st.st_uid;
+    info->mode = (uint32_t)(st.st_mode & 07777);
+    /* Not from st_mode: macOS does not document S_IFREG for a shm object,
+     * and a descriptor shm_open() gave is one (the shm namespace holds no
+     * FIFOs or devices). */
+    info->regular = 1;
+    return 0;
+}
+
+int
+mt_os_shm_open(const char *name, int *fd_out, mt_file_info *info, mt_oserr *e)
 {
     char short_name[SHM_NAME_MAX + 1];
-    const char *path = shm_name(name, short_name, sizeof short_name);
-    struct stat st;
-    int fd = shm_open(path, O_RDWR | O_CLOEXEC, 0);
+    int fd = shm_open(shm_name(name, short_name, sizeof short_name), O_RDWR | O_CLOEXEC, 0);
     if (fd < 0) {
         return mt_fail(e, "shm_open", name, errno);
     }
-    if (fstat(fd, &st) != 0) {
+    if (mt_os_fd_info(fd, info) != 0) {
         int err = errno;
         close(fd);
         return mt_fail(e, "fstat", name, err);
     }
-    *addr = NULL;
-    *size = 0;
-    if (st.st_size <= (off_t)SEG_PREFIX) {
-        close(fd);
-        return 0; /* the caller reports an empty segment */
+    *fd_out = fd;
+    return 0;
+}
+
+int
+mt_os_shm_map(int fd, size_t size, void **addr, const char *name, mt_oserr *e)
+{
+    if (size > (size_t)-1 - SEG_PREFIX) {
+        return mt_fail(e, "mmap", name, ENOMEM);
     }
-    size_t mapped = (size_t)st.st_size;
-    char *p = mmap(NULL, mapped, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    int err = errno;
-    close(fd);
+    char *p = mmap(NULL, size + SEG_PREFIX, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (p == MAP_FAILED) {
-        return mt_fail(e, "mmap", name, err);
-    }
-    const seg_prefix *h = (const seg_prefix *)p;
-    if (memcmp(h->magic, SEG_MAGIC, sizeof h->magic) != 0 || h->size == 0 ||
-        h->size > mapped - SEG_PREFIX) {
-        munmap(p, mapped);
-        return 0; /* not written yet, or not ours: empty */
+        return mt_fail(e, "mmap", name, errno);
     }
     *addr = p + SEG_PREFIX;
-    *size = (size_t)h->size;
     return 0;
+}
+
+long
+mt_os_pread(int fd, void *buf, size_t n, uint64_t offset)
+{
+    mt_file_info info;
+    if (mt_os_fd_info(fd, &info) != 0) {
+        return -1;
+    }
+    if (offset >= info.size || n == 0) {
+        return 0;
+    }
+    if (n > info.size - offset) {
+        n = (size_t)(info.size - offset);
+    }
+    size_t span = (size_t)(SEG_PREFIX + offset + n);
+    char *p = mmap(NULL, span, PROT_READ, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) {
+        return -1;
+    }
+    memcpy(buf, p + SEG_PREFIX + offset, n);
+    munmap(p, span);
+    return (long)n;
 }
 
 void
@@ -346,6 +387,20 @@ mt_os_shm_unlink(const char *name, mt_oserr *e)
     if (shm_unlink(shm_name(name, short_name, sizeof short_name)) != 0 && errno != ENOENT) {
         return mt_fail(e, "shm_unlink", name, errno);
     }
+    return 0;
+}
+
+uint32_t
+mt_os_uid(void)
+{
+    return (uint32_t)geteuid();
+}
+
+/* A shm object cannot shrink after its first ftruncate(): nothing to catch. */
+int
+mt_os_guarded(void (*fn)(void *), void *arg)
+{
+    fn(arg);
     return 0;
 }
 
@@ -555,6 +610,83 @@ mt_os_pidfd_open(long pid)
         return -1;
     }
     return kq;
+}
+
+/* RAM plus swap in use and free (vm.swapusage), rounded up to a power of
+ * two; 0 when unknown. */
+uint64_t
+mt_os_memory_bound(void)
+{
+    uint64_t ram = 0;
+    size_t len = sizeof ram;
+    if (sysctlbyname("hw.memsize", &ram, &len, NULL, 0) != 0) {
+        return 0;
+    }
+    struct xsw_usage swap;
+    len = sizeof swap;
+    uint64_t total = ram;
+    if (sysctlbyname("vm.swapusage", &swap, &len, NULL, 0) == 0) {
+        total += (uint64_t)swap.xsu_total;
+    }
+    uint64_t bound = 1u << 20;
+    while (bound < total && bound < (UINT64_C(1) << 62)) {
+        bound <<= 1;
+    }
+    return bound;
+}
+
+/* The watch set: a kqueue that waits for each watch's kqueue to turn
+ * readable (EVFILT_READ, level-triggered: a dead owner stays ready until
+ * it is removed, as in an epoll set of pidfds). */
+int
+mt_os_epoll_new(void)
+{
+    int kq = kqueue();
+    if (kq >= 0) {
+        fcntl(kq, F_SETFD, FD_CLOEXEC);
+    }
+    return kq;
+}
+
+int
+mt_os_epoll_add(int ep, int fd, uint64_t key)
+{
+    struct kevent ev;
+    EV_SET(&ev, (uintptr_t)fd, EVFILT_READ, EV_ADD, 0, 0, (void *)(uintptr_t)key);
+    return kevent(ep, &ev, 1, NULL, 0, NULL) == 0 ? 0 : -1;
+}
+
+void
+mt_os_epoll_del(int ep, int fd)
+{
+    struct kevent ev;
+    EV_SET(&ev, (uintptr_t)fd, EVFILT_READ, EV_DELETE, 0, 0, NULL);
+    kevent(ep, &ev, 1, NULL, 0, NULL);
+}
+
+int
+mt_os_epoll_ready(int ep, uint64_t *keys, int max)
+{
+    struct kevent ev[64];
+    struct timespec zero = {0, 0};
+    int total = 0;
+    while (total < max) {
+        int want = max - total < 64 ? max - total : 64;
+        int r;
+        do {
+            r = kevent(ep, NULL, 0, ev, want, &zero);
+        } while (r < 0 && errno == EINTR);
+        if (r < 0) {
+            return total ? total : -1;
+        }
+        for (int i = 0; i < r; i++) {
+            keys[total++] = (uint64_t)(uintptr_t)ev[i].udata;
+        }
+        if (r < want) {
+            break;
+        }
+    }
+    return total;
 }
 
 #endif /* __APPLE__ */

@@ -16,6 +16,7 @@
 
 #include <windows.h>
 
+#include <aclapi.h>
 #include <bcrypt.h>
 #include <errno.h>
 #include <io.h>
@@ -526,17 +527,23 @@ mt_os_random(void *buf, size_t n, mt_oserr *e)
 /*
  * A segment "/memtrack-<hex>" is the section "Local\memtrack-<hex>" (this
  * session's namespace). Its DACL grants access to this process's user and
- * nobody else (the 0600 of the POSIX segment).
+ * nobody else (the 0600 of the POSIX segment). The "descriptors" of the
+ * interface are section handles (see mt_os_pidfd_open for handles in ints).
  *
- * Two differences from POSIX shm, both handled here:
+ * Differences from POSIX shm, handled here:
  *  - a section has no exact size to ask for (a view is rounded up to whole
  *    pages), so the section starts with one page that records the size the
- *    creator asked for; callers see the bytes after it;
- *  - the name lives while any process holds a handle to the section, and
- *    cannot be unlinked: each process keeps its handle next to its view
- *    (the list below) and closes it on detach or unlink, and the section is
- *    gone when the last process that used it has closed it or exited. No
- *    stale segment can outlive its processes, as one can in /dev/shm.
+ *    creator asked for; callers see the bytes after it, and offsets and
+ *    sizes are those of the caller's bytes;
+ *  - a name lives while any process holds a handle to the section, and
+ *    cannot be unlinked: each view keeps a handle of its own (the list
+ *    below), closed on detach or unlink, so the name stays while any
+ *    process maps the segment and goes with the last one: no stale segment
+ *    can outlive its processes, as one can in /dev/shm;
+ *  - there are no uids nor modes: mt_os_fd_info reads them from the DACL
+ *    (see there);
+ *  - a section cannot shrink under its views, so there is no SIGBUS to
+ *    guard against.
  */
 #define SEG_PREFIX 4096u
 #define SEG_MAGIC "MTSEGWIN"
@@ -557,6 +564,18 @@ typedef struct mapping {
 static SRWLOCK maps_lock = SRWLOCK_INIT;
 static mapping *maps;
 
+static HANDLE
+handle_of(int fd)
+{
+    return LongToHandle(fd);
+}
+
+static int
+fd_of(HANDLE h)
+{
+    return (int)HandleToLong(h);
+}
+
 /* "/memtrack-x" -> L"Local\\memtrack-x"; 0, or -1 for a bad name. */
 static int
 section_name(const char *name, wchar_t *out, size_t out_len)
@@ -573,16 +592,20 @@ section_name(const char *name, wchar_t *out, size_t out_len)
     return n > 0 ? 0 : -1;
 }
 
+/* Keep a handle of its own next to the view at base (see above). */
 static int
 remember(char *base, HANDLE section, const char *name)
 {
+    HANDLE own = NULL;
     mapping *m = malloc(sizeof *m);
-    if (m == NULL) {
+    if (m == NULL || !DuplicateHandle(GetCurrentProcess(), section, GetCurrentProcess(), &own, 0,
+                                      FALSE, DUPLICATE_SAME_ACCESS)) {
+        free(m);
         return -1;
     }
     m->base = base;
-    m->section = section;
-    snprintf(m->name, sizeof m->name, "%s", name);
+    m->section = own;
+    snprintf(m->name, sizeof m->name, "%s", name ? name : "");
     AcquireSRWLockExclusive(&maps_lock);
     m->next = maps;
     maps = m;
@@ -590,63 +613,70 @@ remember(char *base, HANDLE section, const char *name)
     return 0;
 }
 
-/* A DACL with one entry: full access for the user this process runs as.
- * *buffer holds it (free() it after the section is created). */
-static int
-owner_only(SECURITY_ATTRIBUTES *sa, SECURITY_DESCRIPTOR *sd, void **buffer, mt_oserr *e)
+/* The user this process runs as, in a buffer to free(). */
+static TOKEN_USER *
+token_user(mt_oserr *e)
 {
     HANDLE token = NULL;
     DWORD len = 0;
-    char *buf = NULL;
-    int rc = -1;
-    *buffer = NULL;
+    TOKEN_USER *user = NULL;
     if (!OpenProcessToken(GetCurrentProcess(), TOKEN_QUERY, &token)) {
         win_fail(e, "OpenProcessToken", NULL);
         goto done;
     }
     GetTokenInformation(token, TokenUser, NULL, 0, &len);
-    if (len == 0) {
+    user = len ? malloc(len) : NULL;
+    if (user == NULL || !GetTokenInformation(token, TokenUser, user, len, &len)) {
         win_fail(e, "GetTokenInformation", NULL);
+        free(user);
+        user = NULL;
+    }
+done:
+    if (token != NULL) {
+        CloseHandle(token);
+    }
+    return user;
+}
+
+/* A DACL with one entry: full access for the user this process runs as.
+ * *buffer holds it (free() it after the section is created). */
+static int
+owner_only(SECURITY_ATTRIBUTES *sa, SECURITY_DESCRIPTOR *sd, void **buffer, mt_oserr *e)
+{
+    TOKEN_USER *user = token_user(e);
+    int rc = -1;
+    *buffer = NULL;
+    if (user == NULL) {
         goto done;
     }
-    /* The ACL goes after the TOKEN_USER (and its SID) in one buffer. */
-    size_t user_len = ((size_t)len + 7u) & ~(size_t)7u;
-    buf = malloc(user_len + sizeof(ACL) + sizeof(ACCESS_ALLOWED_ACE) + SECURITY_MAX_SID_SIZE);
-    if (buf == NULL) {
+    PSID sid = user->User.Sid;
+    DWORD acl_len =
+        (DWORD)(sizeof(ACL) + sizeof(ACCESS_ALLOWED_ACE) - sizeof(DWORD) + GetLengthSid(sid));
+    ACL *acl = malloc(acl_len);
+    if (acl == NULL) {
         mt_fail(e, "malloc", NULL, ENOMEM);
         goto done;
     }
-    if (!GetTokenInformation(token, TokenUser, buf, len, &len)) {
-        win_fail(e, "GetTokenInformation", NULL);
-        goto done;
-    }
-    PSID sid = ((TOKEN_USER *)buf)->User.Sid;
-    ACL *acl = (ACL *)(buf + user_len);
-    DWORD acl_len = (DWORD)(sizeof(ACL) + sizeof(ACCESS_ALLOWED_ACE) - sizeof(DWORD) +
-                            GetLengthSid(sid));
     if (!InitializeAcl(acl, acl_len, ACL_REVISION) ||
         !AddAccessAllowedAce(acl, ACL_REVISION, FILE_MAP_ALL_ACCESS, sid) ||
         !InitializeSecurityDescriptor(sd, SECURITY_DESCRIPTOR_REVISION) ||
         !SetSecurityDescriptorDacl(sd, TRUE, acl, FALSE)) {
         win_fail(e, "SetSecurityDescriptorDacl", NULL);
+        free(acl);
         goto done;
     }
     sa->nLength = sizeof *sa;
     sa->lpSecurityDescriptor = sd;
     sa->bInheritHandle = FALSE;
-    *buffer = buf;
-    buf = NULL;
+    *buffer = acl;
     rc = 0;
 done:
-    free(buf);
-    if (token != NULL) {
-        CloseHandle(token);
-    }
+    free(user);
     return rc;
 }
 
 int
-mt_os_shm_create(const char *name, size_t size, void **addr, mt_oserr *e)
+mt_os_shm_create(const char *name, size_t size, void **addr, int *fd, mt_oserr *e)
 {
     wchar_t wname[256];
     SECURITY_ATTRIBUTES sa;
@@ -688,12 +718,15 @@ mt_os_shm_create(const char *name, size_t size, void **addr, mt_oserr *e)
     memcpy(p->magic, SEG_MAGIC, sizeof p->magic);
     p->size = size;
     if (remember(base, section, name) < 0) {
-        mt_fail(e, "malloc", NULL, ENOMEM);
+        win_fail(e, "DuplicateHandle", name);
         goto done;
     }
     *addr = base + SEG_PREFIX;
     base = NULL;
-    section = NULL;
+    if (fd != NULL) {
+        *fd = fd_of(section);
+        section = NULL;
+    }
     rc = 0;
 done:
     if (base != NULL) {
@@ -706,61 +739,138 @@ done:
     return rc;
 }
 
-int
-mt_os_shm_attach(const char *name, void **addr, size_t *size, mt_oserr *e)
+/* The size the creator recorded in the section's first page; 0 when the
+ * section has no such page (not written yet, or not a memtrack segment). */
+static uint64_t
+recorded_size(HANDLE section)
 {
-    wchar_t wname[256];
     MEMORY_BASIC_INFORMATION info;
-    HANDLE section = NULL;
-    char *base = NULL;
-    int rc = -1;
-    if (section_name(name, wname, sizeof wname / sizeof wname[0]) < 0) {
-        mt_fail(e, "OpenFileMapping", name, ENOENT);
-        goto done;
-    }
-    section = OpenFileMappingW(FILE_MAP_READ | FILE_MAP_WRITE, FALSE, wname);
-    if (section == NULL) {
-        win_fail(e, "OpenFileMapping", name);
-        goto done;
-    }
-    base = MapViewOfFile(section, FILE_MAP_READ | FILE_MAP_WRITE, 0, 0, 0);
+    uint64_t size = 0;
+    const char *base = MapViewOfFile(section, FILE_MAP_READ, 0, 0, 0);
     if (base == NULL) {
-        win_fail(e, "MapViewOfFile", name);
-        goto done;
+        return 0;
     }
-    if (VirtualQuery(base, &info, sizeof info) == 0) {
-        win_fail(e, "VirtualQuery", name);
-        goto done;
-    }
-    /* The creator writes the prefix before anyone can know the name; a
-     * section without one is not ours: report it as empty, as a POSIX
-     * segment of size 0 is. */
     const seg_prefix *p = (const seg_prefix *)base;
-    uint64_t mapped = (uint64_t)info.RegionSize;
-    if (mapped < SEG_PREFIX || memcmp(p->magic, SEG_MAGIC, sizeof p->magic) != 0 ||
-        p->size == 0 || p->size > mapped - SEG_PREFIX) {
-        *addr = NULL;
-        *size = 0;
-        rc = 0;
+    if (VirtualQuery(base, &info, sizeof info) == sizeof info && info.RegionSize >= SEG_PREFIX &&
+        memcmp(p->magic, SEG_MAGIC, sizeof p->magic) == 0 &&
+        p->size <= (uint64_t)info.RegionSize - SEG_PREFIX) {
+        size = p->size;
+    }
+    UnmapViewOfFile(base);
+    return size;
+}
+
+/* Windows has no uid and mode: they are read from the DACL, in the terms
+ * the table's checks use. uid: the relative id (last sub-authority) of the
+ * one user the DACL admits (a different SID with the same relative id as
+ * ours reads as UINT32_MAX, never as us); mode 0600 when that user is all
+ * the DACL admits, 0666 when it admits more, or everyone (no DACL).
+ * regular: a section that carries memtrack's size page. */
+int
+mt_os_fd_info(int fd, mt_file_info *info)
+{
+    PACL dacl = NULL;
+    PSECURITY_DESCRIPTOR sd = NULL;
+    TOKEN_USER *me = NULL;
+    mt_oserr ignored;
+    HANDLE h = handle_of(fd);
+    int rc = -1;
+    memset(info, 0, sizeof *info);
+    info->uid = UINT32_MAX;
+    if (GetSecurityInfo(h, SE_KERNEL_OBJECT, DACL_SECURITY_INFORMATION, NULL, NULL, &dacl, NULL,
+                        &sd) != ERROR_SUCCESS) {
         goto done;
     }
-    if (remember(base, section, name) < 0) {
-        mt_fail(e, "malloc", NULL, ENOMEM);
+    me = token_user(&ignored);
+    if (me == NULL) {
         goto done;
     }
-    *addr = base + SEG_PREFIX;
-    *size = (size_t)p->size;
-    base = NULL;
-    section = NULL;
+    info->mode = 0666;
+    ACCESS_ALLOWED_ACE *ace = NULL;
+    if (dacl != NULL && dacl->AceCount >= 1 && GetAce(dacl, 0, (void **)&ace) &&
+        ace->Header.AceType == ACCESS_ALLOWED_ACE_TYPE) {
+        PSID sid = (PSID)&ace->SidStart;
+        UCHAR subs = *GetSidSubAuthorityCount(sid);
+        DWORD rid = subs ? *GetSidSubAuthority(sid, subs - 1u) : UINT32_MAX;
+        int mine = EqualSid(sid, me->User.Sid);
+        info->uid = mine ? mt_os_uid() : (rid == mt_os_uid() ? UINT32_MAX : rid);
+        if (dacl->AceCount == 1) {
+            info->mode = 0600;
+        }
+    }
+    info->size = recorded_size(h);
+    info->regular = info->size > 0;
     rc = 0;
 done:
-    if (base != NULL) {
-        UnmapViewOfFile(base);
-    }
-    if (section != NULL) {
-        CloseHandle(section);
+    free(me);
+    if (sd != NULL) {
+        LocalFree(sd);
     }
     return rc;
+}
+
+int
+mt_os_shm_open(const char *name, int *fd, mt_file_info *info, mt_oserr *e)
+{
+    wchar_t wname[256];
+    if (section_name(name, wname, sizeof wname / sizeof wname[0]) < 0) {
+        return mt_fail(e, "OpenFileMapping", name, ENOENT);
+    }
+    HANDLE h = OpenFileMappingW(FILE_MAP_READ | FILE_MAP_WRITE | READ_CONTROL, FALSE, wname);
+    if (h == NULL) {
+        return win_fail(e, "OpenFileMapping", name);
+    }
+    if (mt_os_fd_info(fd_of(h), info) < 0) {
+        int rc = win_fail(e, "GetSecurityInfo", name);
+        CloseHandle(h);
+        return rc;
+    }
+    *fd = fd_of(h);
+    return 0;
+}
+
+int
+mt_os_shm_map(int fd, size_t size, void **addr, const char *name, mt_oserr *e)
+{
+    HANDLE h = handle_of(fd);
+    if (size > (size_t)-1 - SEG_PREFIX) {
+        return mt_fail(e, "MapViewOfFile", name, ENOMEM);
+    }
+    char *base = MapViewOfFile(h, FILE_MAP_READ | FILE_MAP_WRITE, 0, 0, size + SEG_PREFIX);
+    if (base == NULL) {
+        return win_fail(e, "MapViewOfFile", name);
+    }
+    if (remember(base, h, name) < 0) {
+        int rc = win_fail(e, "DuplicateHandle", name);
+        UnmapViewOfFile(base);
+        return rc;
+    }
+    *addr = base + SEG_PREFIX;
+    return 0;
+}
+
+/* The caller's bytes [offset, offset + n), through a view of its own. */
+long
+mt_os_pread(int fd, void *buf, size_t n, uint64_t offset)
+{
+    HANDLE h = handle_of(fd);
+    uint64_t size = recorded_size(h);
+    if (size == 0 && offset == 0) {
+        return 0;
+    }
+    if (offset >= size || n == 0) {
+        return 0;
+    }
+    if (n > size - offset) {
+        n = (size_t)(size - offset);
+    }
+    const char *base = MapViewOfFile(h, FILE_MAP_READ, 0, 0, (SIZE_T)(SEG_PREFIX + offset + n));
+    if (base == NULL) {
+        return -1;
+    }
+    memcpy(buf, base + SEG_PREFIX + offset, n);
+    UnmapViewOfFile(base);
+    return (long)n;
 }
 
 void
@@ -781,8 +891,8 @@ mt_os_shm_detach(void *addr, size_t size)
         }
     }
     ReleaseSRWLockExclusive(&maps_lock);
+    UnmapViewOfFile(base);
     if (found != NULL) {
-        UnmapViewOfFile(found->base);
         if (found->section != NULL) {
             CloseHandle(found->section);
         }
@@ -791,8 +901,9 @@ mt_os_shm_detach(void *addr, size_t size)
 }
 
 /* The name cannot be removed while another process holds the section:
- * close this process's handles to it (views stay valid), so that the name
- * goes when the other users close theirs. Never fails. */
+ * close the handles this process keeps for its views of it (the views
+ * stay valid), so that the name goes when the other users close theirs.
+ * A descriptor from mt_os_shm_create/open is the caller's to close. */
 int
 mt_os_shm_unlink(const char *name, mt_oserr *e)
 {
@@ -805,6 +916,53 @@ mt_os_shm_unlink(const char *name, mt_oserr *e)
         }
     }
     ReleaseSRWLockExclusive(&maps_lock);
+    return 0;
+}
+
+/* The relative id of the user this process runs as: Windows's uid as far
+ * as the table's checks go (see mt_os_fd_info). Cached after the first
+ * call; a race only computes it twice. */
+uint32_t
+mt_os_uid(void)
+{
+    static volatile LONG cached = -1;
+    LONG uid = cached;
+    if (uid == -1) {
+        mt_oserr ignored;
+        TOKEN_USER *me = token_user(&ignored);
+        uid = 0;
+        if (me != NULL) {
+            UCHAR subs = *GetSidSubAuthorityCount(me->User.Sid);
+            uid = subs ? (LONG)*GetSidSubAuthority(me->User.Sid, subs - 1u) : 0;
+            free(me);
+        }
+        InterlockedExchange(&cached, uid);
+    }
+    return (uint32_t)uid;
+}
+
+/* RAM plus page files (the commit limit), rounded up to a power of two. */
+uint64_t
+mt_os_memory_bound(void)
+{
+    MEMORYSTATUSEX ms;
+    ms.dwLength = sizeof ms;
+    if (!GlobalMemoryStatusEx(&ms)) {
+        return 0;
+    }
+    uint64_t total = ms.ullTotalPageFile > ms.ullTotalPhys ? ms.ullTotalPageFile : ms.ullTotalPhys;
+    uint64_t bound = 1u << 20;
+    while (bound < total && bound < (UINT64_C(1) << 62)) {
+        bound <<= 1;
+    }
+    return bound;
+}
+
+/* A page-file section cannot shrink under its views: nothing to guard. */
+int
+mt_os_guarded(void (*fn)(void *), void *arg)
+{
+    fn(arg);
     return 0;
 }
 
@@ -1016,21 +1174,138 @@ mt_os_pidfd_alive(int fd)
     return WaitForSingleObject(LongToHandle(fd), 0) == WAIT_TIMEOUT;
 }
 
-/* WaitForMultipleObjects reports only the first signalled handle of at most
- * 64: ask each handle; every wait is a zero-timeout check. */
-void
-mt_os_pidfds_poll(mt_watch *w, size_t n)
+/*
+ * The epoll set of Windows: an event handle (so that mt_os_close() can tell
+ * it, and an int holds it) that names a list of (process handle, key) kept
+ * here. A process handle is signalled once its process has exited and
+ * stays so, as a pidfd stays readable: mt_os_epoll_ready() asks each with a
+ * zero wait (WaitForMultipleObjects would name only the first of at most
+ * 64), a check in user mode for a handle not yet signalled.
+ */
+typedef struct watch_set {
+    struct watch_set *next;
+    HANDLE id; /* the event handle standing for the set */
+    size_t n, cap;
+    HANDLE *handles;
+    uint64_t *keys;
+} watch_set;
+
+/* Every set of this process. Protected by sets_lock (one reader at a time
+ * uses a set, under the GIL; the lock guards the list). */
+static SRWLOCK sets_lock = SRWLOCK_INIT;
+static watch_set *sets;
+
+static watch_set *
+find_set(int ep)
 {
-    for (size_t i = 0; i < n; i++) {
-        w[i].polled = w[i].fd >= 0;
-        w[i].alive = w[i].fd >= 0 && mt_os_pidfd_alive(w[i].fd);
+    HANDLE id = handle_of(ep);
+    watch_set *s;
+    AcquireSRWLockShared(&sets_lock);
+    for (s = sets; s != NULL && s->id != id; s = s->next) {
     }
+    ReleaseSRWLockShared(&sets_lock);
+    return s;
+}
+
+int
+mt_os_epoll_new(void)
+{
+    watch_set *s = calloc(1, sizeof *s);
+    if (s == NULL) {
+        return -1;
+    }
+    s->id = CreateEventW(NULL, TRUE, FALSE, NULL);
+    if (s->id == NULL) {
+        free(s);
+        return -1;
+    }
+    AcquireSRWLockExclusive(&sets_lock);
+    s->next = sets;
+    sets = s;
+    ReleaseSRWLockExclusive(&sets_lock);
+    return fd_of(s->id);
+}
+
+int
+mt_os_epoll_add(int ep, int fd, uint64_t key)
+{
+    watch_set *s = find_set(ep);
+    if (s == NULL || fd < 0) {
+        return -1;
+    }
+    if (s->n == s->cap) {
+        size_t cap = s->cap ? 2 * s->cap : 16;
+        HANDLE *handles = realloc(s->handles, cap * sizeof *handles);
+        if (handles == NULL) {
+            return -1;
+        }
+        s->handles = handles;
+        uint64_t *keys = realloc(s->keys, cap * sizeof *keys);
+        if (keys == NULL) {
+            return -1;
+        }
+        s->keys = keys;
+        s->cap = cap;
+    }
+    s->handles[s->n] = handle_of(fd);
+    s->keys[s->n] = key;
+    s->n++;
+    return 0;
 }
 
 void
+mt_os_epoll_del(int ep, int fd)
+{
+    watch_set *s = find_set(ep);
+    for (size_t i = 0; s != NULL && i < s->n; i++) {
+        if (s->handles[i] == handle_of(fd)) {
+            s->n--;
+            s->handles[i] = s->handles[s->n];
+            s->keys[i] = s->keys[s->n];
+            break;
+        }
+    }
+}
+
+int
+mt_os_epoll_ready(int ep, uint64_t *keys, int max)
+{
+    watch_set *s = find_set(ep);
+    int found = 0;
+    if (s == NULL) {
+        return -1;
+    }
+    for (size_t i = 0; i < s->n && found < max; i++) {
+        if (WaitForSingleObject(s->handles[i], 0) == WAIT_OBJECT_0) {
+            keys[found++] = s->keys[i];
+        }
+    }
+    return found;
+}
+
+/* Whatever an mt_os_* function returned as a descriptor: a process or
+ * section handle, or a watch set. */
+void
 mt_os_close(int fd)
 {
-    if (fd >= 0) {
-        CloseHandle(LongToHandle(fd));
+    if (fd < 0) {
+        return;
     }
+    HANDLE h = handle_of(fd);
+    watch_set *found = NULL;
+    AcquireSRWLockExclusive(&sets_lock);
+    for (watch_set **s = &sets; *s != NULL; s = &(*s)->next) {
+        if ((*s)->id == h) {
+            found = *s;
+            *s = found->next;
+            break;
+        }
+    }
+    ReleaseSRWLockExclusive(&sets_lock);
+    if (found != NULL) { /* the process handles are the caller's */
+        free(found->handles);
+        free(found->keys);
+        free(found);
+    }
+    CloseHandle(h);
 }
