@@ -247,6 +247,7 @@ int mt_pack_u64(mt_packer *p, uint64_t v);
 int mt_pack_i64(mt_packer *p, int64_t v);
 int mt_pack_double(mt_packer *p, double v);
 int mt_pack_nil(mt_packer *p);
+int mt_pack_bool(mt_packer *p, int v);
 
 
 /* smaps_rollup walks every resident page: ~10 ms per GiB here. Reading it on

@@ -93,6 +93,12 @@ mt_pack_nil(mt_packer *p)
 }
 
 int
+mt_pack_bool(mt_packer *p, int v)
+{
+    return (v ? msgpack_pack_true(&p->pk) : msgpack_pack_false(&p->pk)) ? -1 : 0;
+}
+
+int
 mt_pack_str(mt_packer *p, const char *s, size_t len)
 {
     return (msgpack_pack_str(&p->pk, len) || msgpack_pack_str_body(&p->pk, s, len)) ? -1 : 0;

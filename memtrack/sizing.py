@@ -158,6 +158,9 @@ def _per_worker_from(workers: Any, where: str) -> tuple[int | None, str, list[st
     best: tuple[int, Any] | None = None
     killed: list[str] = []
     for worker in workers or ():
+        role = worker.get("role") if isinstance(worker, Mapping) else None
+        if role not in (None, "worker"):
+            continue  # the root, memtrack's helpers and other processes are not workers
         value = _private_peak(worker)
         state = worker.get("state") if isinstance(worker, Mapping) else getattr(
             worker, "state", None)
@@ -370,10 +373,11 @@ def build_plan(
 
 
 def _main_from_samples(samples: Any) -> int | None:
-    """The main process's largest PSS in a recording: its own samples (``self``, from
-    memtrack.record) or the command's (``root``, from memtrack run). None without any."""
+    """The main process's largest PSS in a recording: the samples of the root (the
+    recording process itself with memtrack.record, the command with memtrack run; never
+    memtrack run's own process, role ``tool``). None without any."""
     found = [s.get("pss") for s in samples or () if isinstance(s, Mapping)
-             and s.get("source") in ("self", "root")]
+             and (s.get("role") == "root" if "role" in s else s.get("source") in ("self", "root"))]
     found = [p for p in found if isinstance(p, int) and not isinstance(p, bool) and p > 0]
     return max(found) if found else None
 

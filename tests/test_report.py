@@ -143,7 +143,7 @@ def test_csv_has_one_row_per_sample(pool_profile):
     for s in samples:
         row = by_key[(round(s["time"], 6), s["pid"])]
         assert int(row["rss"]) == s["rss"] and (row["phase"] or None) == s["phase"]
-        assert row["role"] == ("main" if s["source"] == "self" else "worker")
+        assert row["role"] == ("root" if s["source"] == "self" else "worker")
 
 
 def test_csv_of_a_profile_without_samples_is_the_header_alone():
@@ -200,7 +200,7 @@ def test_prometheus_exposition_parses_strictly(pool_profile):
     assert families["memtrack_phase_runs_total"]["samples"]['{phase="task"}'] == 66
     assert "memtrack_pool_peak_pss_bytes" in families
     savings = families["memtrack_insight_estimated_savings_bytes"]["samples"]
-    assert savings['{kind="duplicated_state",severity="critical",subject="init"}'] == 5 * 200 * MiB
+    assert savings['{kind="duplicated_state",severity="warning",subject="init"}'] == 5 * 200 * MiB
 
 
 @pytest.mark.parametrize("name", PROFILES)
@@ -257,7 +257,7 @@ def test_html_is_one_self_contained_file(pool_profile):
     data = embedded_data(page)
     assert {p["pid"] for p in data["processes"]} == {100, 201, 202, 203, 204, 205, 206}
     assert data["phases"][:3] == ["init", "task", "task/parse"]
-    assert data["lanes"][0] == "main 100" and len(data["lanes"]) == 7
+    assert data["lanes"][0] == "root 100" and len(data["lanes"]) == 7
     for i in insights(pool_profile):
         assert html.escape(i.title) in page
     assert '<tr class="bad"><td class="num">203</td>' in page

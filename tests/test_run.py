@@ -48,8 +48,12 @@ def test_a_leaking_memtrack_aware_child_is_measured_and_flagged(tmp_path):
     assert proc.returncode == 0, proc.stderr
     p = memtrack.load(out)
     assert p.header["command"][0] == sys.executable
-    (worker,) = p.workers  # the child joined the table through MEMTRACK_TABLE
-    assert worker["tasks"] == 6 and worker["phases"]["task"]["count"] == 6
+    # The command imports memtrack, so it joined the table through MEMTRACK_TABLE: as the
+    # root (the command), not as a worker of its own pool.
+    assert p.workers == []
+    (root,) = [w for w in p.processes if w["source"] == "table"]
+    assert root["role"] == "root" and root["pid"] == p.processes[0]["pid"]
+    assert root["tasks"] == 6 and root["phases"]["task"]["count"] == 6
     retained = [e["retained"] for e in p.events if e["kind"] == "task"]
     assert retained[-1] - retained[0] >= 120 * MB
     assert "profile:" in proc.stdout and "Insights" in proc.stdout
@@ -63,8 +67,12 @@ def test_programs_that_never_import_memtrack_are_measured(tmp_path):
     proc, out = run(tmp_path, "sh", "-c", f"{sys.executable} -c '{code}'")
     assert proc.returncode == 0, proc.stderr
     p = memtrack.load(out)
-    assert max(s["rss"] for s in p.samples if s["source"] == "proc") >= 80 * MB
-    assert p.workers == []
+    # The shell is the command (the root); the python it starts is its worker, measured
+    # through /proc, and has a final record like a table's worker.
+    assert max(s["rss"] for s in p.samples if s["role"] == "worker") >= 80 * MB
+    (worker,) = p.workers
+    assert worker["source"] == "proc" and worker["peak_rss"] >= 80 * MB
+    assert [w["role"] for w in p.processes] == ["root"]
 
 
 def test_the_exit_code_of_a_failing_command_is_kept(tmp_path):

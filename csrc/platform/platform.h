@@ -122,7 +122,8 @@ int mt_os_proc_identity(long pid, uint64_t *start_time);
 int mt_os_pid_exists(long pid);
 int mt_os_child_status(long pid, int *exit_code, int *exit_signal);
 int mt_os_footprint_of(long pid, mt_footprint *fp, mt_oserr *e);
-int mt_os_proc_memory(long pid, uint64_t *rss, uint64_t *hwm);
+/* rss, its high-water mark, and its anonymous part (0 where unknown). */
+int mt_os_proc_memory(long pid, uint64_t *rss, uint64_t *hwm, uint64_t *anon);
 int mt_os_children(long pid, long *out, size_t *n, size_t max);
 int mt_os_write_all(int fd, const char *buf, size_t len, mt_oserr *e);
 int mt_os_pidfd_open(long pid);
@@ -135,5 +136,21 @@ int mt_os_epoll_new(void); /* -1 when the kernel lacks epoll */
 int mt_os_epoll_add(int ep, int fd, uint64_t key);
 void mt_os_epoll_del(int ep, int fd);
 int mt_os_epoll_ready(int ep, uint64_t *keys, int max); /* keys filled, or -1 */
+/* What a process is (memtrack run decides its role from these; see
+ * sampler.c). The command line with its NULs turned into spaces: its length,
+ * or -1 when the process is gone. */
+long mt_os_proc_cmdline(long pid, char *buf, size_t size);
+/* 1 when the process holds a listening Unix socket (a server: a
+ * multiprocessing Manager), 0 when not, -1 when that cannot be read. */
+int mt_os_proc_listens(long pid);
+/* A zombie's exit: 1 with its code or signal (the other -1), 0 when the
+ * process is not a zombie (or gone). */
+int mt_os_proc_exit_status(long pid, int *exit_code, int *exit_signal);
+/* The kernel OOM killer. Where the OOM kills of `pid`'s memory cgroup are
+ * counted (cgroup v2 memory.events, v1 memory.oom_control; /proc/vmstat when
+ * neither is readable): copied into `file`, 0, or -1 when the process is gone. */
+int mt_os_oom_counter_file(long pid, char *file, size_t size);
+/* The oom_kill count in such a file, or -1 when it cannot be read. */
+int64_t mt_os_oom_kills(const char *file);
 
 #endif /* MEMTRACK_PLATFORM_H */

@@ -43,6 +43,9 @@ class Profile:
     #: Pool totals over time (recordings): {time, live, rss, pss, peak_rss}. Last, so
     #: positional construction of the fields above is unchanged.
     pools: list[dict[str, Any]] = field(default_factory=list)
+    #: Final records of the processes that are not workers (role root, helper, other;
+    #: docs/report.md "Roles"); `workers` holds the workers' (role worker, or none).
+    processes: list[dict[str, Any]] = field(default_factory=list)
 
 
 def summarise(records: list[PhaseStats]) -> PhaseSummary:
@@ -174,7 +177,10 @@ def parse(data: bytes, *, name: str = "<bytes>", partial: bool = False) -> Profi
         elif kind == "sample":
             profile.samples.append(record)
         elif kind == "worker":
-            profile.workers.append(record)
+            if record.get("role") in (None, "worker"):
+                profile.workers.append(record)
+            else:
+                profile.processes.append(record)
         elif kind == "event":
             profile.events.append(record)
         elif kind == "pool":

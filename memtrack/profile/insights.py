@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .._sizes import format_size, parse_size
-from .._trend import kendall_tau, theil_sen
+from .._trend import kendall_tau, mann_kendall_z, theil_sen
 from ..sizing import _check_count, _check_headroom
 from .files import summarise_by_path
 
@@ -46,10 +46,13 @@ MiB = 1024 * 1024
 
 #: leak: tasks needed after the first one (the first often builds per-worker state).
 LEAK_MIN_TASKS = 8
-#: leak: least fitted growth over the run, bytes (RSS moves by pages and malloc arenas).
-LEAK_MIN_GROWTH = 2 * MiB
-#: leak: least Kendall tau of retained memory against task order (1 = always grows).
-LEAK_MIN_TAU = 0.5
+#: leak: the growth must be material: at least this many bytes over the run...
+LEAK_MIN_GROWTH = 4 * MiB
+#: ...and at least this share of the worker's memory (RSS moves by pages and arenas).
+LEAK_MIN_SHARE = 0.05
+#: leak: the growth must be significant: Mann-Kendall z of retained memory against task
+#: order (with the correction for ties) at least this (one-sided p < 0.01).
+LEAK_MIN_Z = 2.33
 #: leak: each half of the run must grow at this fraction of the whole run's slope, so that
 #: one jump (a cache filled once) is not a leak.
 LEAK_HALF_SLOPE = 0.25
@@ -77,12 +80,15 @@ SPIKE_MAX_REPORTED = 3
 UNDER_MIN_EXTRA = 2
 UNDER_MIN_FACTOR = 1.25
 
-#: hot_phase: least share of the pool peak held by processes in one phase.
+#: hot_phase: least share of the pool peak that one phase adds (peak above its start, in
+#: every worker running it at once), and least bytes it adds in one worker.
 HOT_MIN_SHARE = 0.25
+HOT_MIN_ADDED = 4 * MiB
 
-#: severity: savings of at least these shares of the pool peak are critical / a warning.
-CRITICAL_SHARE = 0.25
-WARNING_SHARE = 0.05
+#: severity: savings of at least these shares of the machine's memory (the cgroup limit
+#: when there is one, else the host's total) are critical / a warning, else info.
+CRITICAL_SHARE = 0.10
+WARNING_SHARE = 0.01
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,40 @@ class WorkerRow:
     samples: int
     #: Peak over its samples and final record (the largest of peak_rss readings).
     max_peak_rss: int | None = None
+    #: Its role (see :data:`ROLES`); Run.workers holds only "worker" rows.
+    role: str = "worker"
+    #: Killed by the kernel's OOM killer (its OOM counter rose when it died).
+    oom: bool = False
+    #: When its exit or death was seen (seconds from the start), None while it ran.
+    ended: float | None = None
+
+
+@dataclass
+class DeathRow:
+    """A worker that ended abnormally, and whether it was the first or a bystander."""
+
+    pid: int
+    time: float | None  # seconds from the start, when seen
+    #: "oom" (the kernel OOM killer), "signal" or "exit code".
+    how: str
+    exit_signal: int | None
+    exit_code: int | None
+    phase: str | None
+    rss: int | None
+    peak_rss: int | None
+    tasks: int | None
+    #: The first worker to die: what broke the pool.
+    culprit: bool = False
+    #: Stopped by the pool after the culprit died (SIGTERM from the executor).
+    stopped_by_pool: bool = False
+
+    @property
+    def description(self) -> str:
+        from ..pool.forensics import describe_exit
+
+        if self.how == "oom":
+            return "killed by the kernel OOM killer (SIGKILL)"
+        return describe_exit(self.exit_code, self.exit_signal, "killed")
 
 
 @dataclass
@@ -240,6 +280,19 @@ class Run:
     truncated: str | None = None
     #: Records left out because a field was missing or of the wrong type.
     skipped: int = 0
+    #: The processes that are not workers and not memtrack itself: root, helpers, others.
+    processes: list[WorkerRow] = field(default_factory=list)
+    #: Workers that ended abnormally, the culprit (the first to die) first.
+    deaths: list[DeathRow] = field(default_factory=list)
+    #: Task events the workers' rings overflowed before the recorder drained them.
+    events_dropped: int = 0
+    #: The phase table of the processes insights are about: the workers' phases, or in a
+    #: profile without workers (a dump(), a one-process run) every phase.
+    subject_phases: list[PhaseRow] = field(default_factory=list)
+    #: The machine's memory that severity is a share of.
+    machine_memory: int | None = None
+    #: pid -> tasks a worker did (its record or its latest task event).
+    task_counts: dict[int, int] = field(default_factory=dict)
 
     @property
     def peak_bytes(self) -> int | None:
@@ -283,16 +336,18 @@ def _load(profile: Any) -> Any:
     return profile
 
 
-def digest(profile: Any) -> Run:
-    """Reduce a profile (a :class:`memtrack.Profile` or a path) to a :class:`Run`."""
-    profile = _load(profile)
-    header = dict(profile.header) if isinstance(profile.header, Mapping) else {}
-    skipped = 0
+#: The roles a process can have (docs/report.md, "Roles"): decided by the recorder, once,
+#: and written into the profile. ``tool`` (memtrack run's own process) is in no figure.
+ROLES = ("tool", "root", "worker", "helper", "other")
+#: What an older profile without roles says, mapped to a role: by the sample's source.
+_LEGACY_ROLES = {"self": "root", "root": "root", "worker": "worker", "proc": "worker"}
 
-    # Clean the timed records first: everything below trusts these.
-    # Samples are most of a recording: checked inline (type() is int also refuses bools).
+
+def _clean_samples(raw: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The samples with every field checked (samples are most of a recording: inline)."""
     samples: list[dict[str, Any]] = []
-    for r in profile.samples:
+    skipped = 0
+    for r in raw:
         get = r.get
         time, pid, rss = get("time"), get("pid"), get("rss")
         if (type(time) not in (int, float) or not -math.inf < time < math.inf
@@ -300,40 +355,93 @@ def digest(profile: Any) -> Run:
             skipped += 1
             continue
         peak, pss, uss = get("peak_rss"), get("pss"), get("uss")
-        source, phase = get("source"), get("phase")
+        source, phase, role = get("source"), get("phase"), get("role")
         samples.append({
             "time": float(time), "pid": pid,
             "source": source if type(source) is str else "proc", "rss": rss,
+            "role": role if role in ROLES else None,
             "peak_rss": peak if type(peak) is int and peak >= 0 else None,
             "pss": pss if type(pss) is int and pss >= 0 else None,
             "uss": uss if type(uss) is int and uss >= 0 else None,
+            "pss_estimated": get("pss_estimated") is True,
             "phase": phase if type(phase) is str else None,
         })
+    return samples, skipped
+
+
+def _clean_events(raw: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     events: list[dict[str, Any]] = []
-    for r in profile.events:
+    skipped = 0
+    for r in raw:
         time, kind = _num(r.get("time")), _str(r.get("kind"))
         if time is None or kind is None:
             skipped += 1
             continue
+        role = r.get("role")
         events.append({
             "time": time, "kind": kind, "pid": _int(r.get("pid")), "phase": _str(r.get("phase")),
             "rss": _size(r.get("rss")), "peak_rss": _size(r.get("peak_rss")),
             "retained": _size(r.get("retained")), "exit_code": _int(r.get("exit_code")),
             "exit_signal": _int(r.get("exit_signal")), "tasks": _size(r.get("tasks")),
-            "state": _str(r.get("state")),
+            "state": _str(r.get("state")), "role": role if role in ROLES else None,
+            "oom": r.get("oom") is True, "count": _size(r.get("count")),
         })
+    return events, skipped
+
+
+def _clean_pools(raw: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     pools: list[dict[str, Any]] = []
-    for r in getattr(profile, "pools", None) or ():
+    skipped = 0
+    for r in raw:
         time, live, rss = _num(r.get("time")), _size(r.get("live")), _size(r.get("rss"))
         if time is None or live is None or rss is None:
             skipped += 1
             continue
         pools.append({"time": time, "live": live, "rss": rss, "pss": _size(r.get("pss")),
-                      "peak_rss": _size(r.get("peak_rss"))})
-    records = [w for w in profile.workers if isinstance(w, Mapping)]
-    skipped += len(profile.workers) - len(records)
-    phase_records = list(getattr(profile, "phases", None) or ())
+                      "peak_rss": _size(r.get("peak_rss")),
+                      "pss_estimated": r.get("pss_estimated") is True,
+                      "root_rss": _size(r.get("root_rss")), "root_pss": _size(r.get("root_pss")),
+                      "others_pss": _size(r.get("others_pss"))})
+    return pools, skipped
 
+
+def _decide_roles(samples, events, records, header) -> dict[int, str]:
+    """pid -> role. A recording says each process's role (the final records last, since
+    a Manager is known for one only once it listens); an older profile's roles are
+    inferred from where its samples came from and which processes had worker events."""
+    roles: dict[int, str] = {}
+    said: dict[int, str] = {}
+    for row in (*samples, *events):
+        if row["pid"] is not None and row["role"] is not None:
+            said[row["pid"]] = row["role"]
+    for w in records:
+        pid, role = _int(w.get("pid")), w.get("role")
+        if pid is not None and role in ROLES:
+            said[pid] = role
+    header_pid = _int(header.get("pid"))
+    for s in samples:
+        pid = s["pid"]
+        if pid in said or roles.get(pid) == "worker":
+            continue
+        roles[pid] = _LEGACY_ROLES.get(s["source"], "other")
+    for w in records:
+        pid = _int(w.get("pid"))
+        if pid is not None and pid not in said:
+            roles[pid] = "worker"
+    for e in events:
+        # An older profile writes join/exit/death/task events for pool workers only.
+        pid = e["pid"]
+        if (pid is not None and pid not in said and pid != header_pid
+                and roles.get(pid) != "root" and e["kind"] in ("join", "exit", "death", "task")):
+            roles[pid] = "worker"
+    roles.update(said)
+    if header_pid is not None and header_pid not in roles:
+        roles[header_pid] = "root"
+    return roles
+
+
+def _time_base(header, samples, events, pools, phase_records) -> tuple[float | None, float]:
+    """The time taken as 0 (the earliest record) and the run's duration."""
     times = [s["time"] for s in samples] + [e["time"] for e in events] + [p["time"] for p in pools]
     times += [float(p.start) for p in phase_records]
     started = _num(header.get("started"))  # the recording's start, on the same clock
@@ -341,45 +449,11 @@ def digest(profile: Any) -> Run:
         times.append(started)
     t0 = min(times) if times else None
     end = max([*times, *(float(p.start + p.duration) for p in phase_records)], default=None)
-    duration = (end - t0) if t0 is not None and end is not None else 0.0
+    return t0, (end - t0) if t0 is not None and end is not None else 0.0
 
-    def rel(t: float) -> float:
-        return t - t0 if t0 is not None else t
 
-    for row in (*samples, *events, *pools):
-        row["time"] = rel(row["time"])
-    samples.sort(key=lambda s: s["time"])
-    events.sort(key=lambda e: e["time"])
-    pools.sort(key=lambda p: p["time"])
-
-    # Roles: who is a worker.
-    header_pid = _int(header.get("pid"))
-    roles: dict[int, str] = {}
-    for s in samples:
-        # A descendant found through /proc ("proc") is a pool process too (a pool run with
-        # `memtrack run` and no worker table); "root" is the command `memtrack run` started.
-        role = {"self": "main", "root": "main", "worker": "worker", "proc": "worker"}.get(
-            s["source"], "process")
-        if roles.get(s["pid"]) != "worker":
-            roles[s["pid"]] = role
-    for w in records:
-        pid = _int(w.get("pid"))
-        if pid is not None:
-            roles[pid] = "worker"
-    for e in events:
-        # join/exit/death/task events are written for pool workers only.
-        pid = e["pid"]
-        if pid is not None and pid != header_pid and roles.get(pid) != "main" and e["kind"] in (
-                "join", "exit", "death", "task"):
-            roles[pid] = "worker"
-    if header_pid is not None and header_pid not in roles:
-        roles[header_pid] = "main"
-
-    by_pid: dict[int, list[dict[str, Any]]] = {}
-    for s in samples:
-        by_pid.setdefault(s["pid"], []).append(s)
-
-    # When each worker stopped: its exit or death event.
+def _ends(events) -> tuple[dict[int, float], dict[int, dict[str, Any]], dict[int, dict[str, Any]]]:
+    """When each process stopped (its exit or death event), that event, and its join."""
     ends: dict[int, float] = {}
     exits: dict[int, dict[str, Any]] = {}
     joins: dict[int, dict[str, Any]] = {}
@@ -391,7 +465,11 @@ def digest(profile: Any) -> Run:
             exits.setdefault(e["pid"], e)
         elif e["kind"] == "join":
             joins.setdefault(e["pid"], e)
+    return ends, exits, joins
 
+
+def _baselines(roles, joins, by_pid) -> dict[int, int]:
+    """pid -> a worker's RSS when it joined (its join event, else its first sample)."""
     baselines: dict[int, int] = {}
     for pid, role in roles.items():
         if role != "worker":
@@ -400,43 +478,102 @@ def digest(profile: Any) -> Run:
             baselines[pid] = joins[pid]["rss"]
         elif pid in by_pid:
             baselines[pid] = by_pid[pid][0]["rss"]
+    return baselines
 
-    workers = _worker_rows(records, roles, by_pid, events, exits, t0)
-    phases = _phase_rows(records, profile)
-    pool, pool_source = _pool_timeline(pools, samples, ends, roles)
-    peak = None
-    if pool:
-        if any(p.pss is not None for p in pool):
-            peak = max((p for p in pool if p.pss is not None), key=lambda p: p.pss)
-        else:
-            peak = max(pool, key=lambda p: p.rss)
-    rss_peak = max(pool, key=lambda p: (p.rss, p.pss or 0)) if pool else None
+
+def _pool_peaks(pool: list[PoolPoint]) -> tuple[PoolPoint | None, PoolPoint | None]:
+    """The pool's peak (by PSS when known, else by RSS) and the point of the largest RSS."""
+    if not pool:
+        return None, None
+    if any(p.pss is not None for p in pool):
+        peak = max((p for p in pool if p.pss is not None), key=lambda p: p.pss)
+    else:
+        peak = max(pool, key=lambda p: p.rss)
+    return peak, max(pool, key=lambda p: (p.rss, p.pss or 0))
+
+
+def _max_live(pool, pools, workers, ends) -> int:
     max_live = max((p.live for p in pool), default=0)
     max_live = max(max_live, _max_concurrent(workers, ends)) if not pools else max_live
-    if max_live == 0:
-        max_live = sum(1 for w in workers)
+    return max_live or len(workers)
 
-    tasks, task_phases, tasks_source = _task_series(events, phase_records, roles)
-    main_peaks = []
-    for pid, rows in by_pid.items():
-        if roles.get(pid) in ("main", "process"):
-            values = [r["pss"] if r["pss"] is not None else r["rss"] for r in rows]
-            main_peaks.append(max(values))
-    main_peak = sum(main_peaks) if main_peaks else None
 
+def _root_peak(pools, by_pid, roles) -> int | None:
+    """The root's largest PSS (fresh or estimated), else RSS: from the pool records when
+    they carry it, else from its samples. The tool (memtrack run itself) is never in it."""
+    values = [p["root_pss"] for p in pools if p["root_pss"]]
+    if values:
+        return max(values)
+    peaks = [max(r["pss"] if r["pss"] is not None else r["rss"] for r in rows)
+             for pid, rows in by_pid.items() if roles.get(pid) == "root" and rows]
+    return sum(peaks) if peaks else None
+
+
+def digest(profile: Any) -> Run:
+    """Reduce a profile (a :class:`memtrack.Profile` or a path) to a :class:`Run`."""
+    profile = _load(profile)
+    header = dict(profile.header) if isinstance(profile.header, Mapping) else {}
+    # Clean the timed records first: everything below trusts these.
+    samples, skipped_samples = _clean_samples(profile.samples)
+    events, skipped_events = _clean_events(profile.events)
+    pools, skipped_pools = _clean_pools(getattr(profile, "pools", None) or ())
+    raw_records = [*profile.workers, *(getattr(profile, "processes", None) or ())]
+    records = [w for w in raw_records if isinstance(w, Mapping)]
+    skipped = (skipped_samples + skipped_events + skipped_pools
+               + len(raw_records) - len(records))
+    phase_records = list(getattr(profile, "phases", None) or ())
+
+    t0, duration = _time_base(header, samples, events, pools, phase_records)
+
+    def rel(t: float) -> float:
+        return t - t0 if t0 is not None else t
+
+    for row in (*samples, *events, *pools):
+        row["time"] = rel(row["time"])
+    samples.sort(key=lambda s: s["time"])
+    events.sort(key=lambda e: e["time"])
+    pools.sort(key=lambda p: p["time"])
+
+    roles = _decide_roles(samples, events, records, header)
+    # The tool (memtrack run's own process) is in no figure: drop it here, once.
+    samples = [s for s in samples if roles.get(s["pid"]) != "tool"]
+    by_pid: dict[int, list[dict[str, Any]]] = {}
+    for s in samples:
+        by_pid.setdefault(s["pid"], []).append(s)
+    ends, exits, joins = _ends(events)
+
+    rows = _worker_rows(records, roles, by_pid, events, exits, t0)
+    workers = [w for w in rows if w.role == "worker"]
+    processes = [w for w in rows if w.role in ("root", "helper", "other")]
+    phases = _phase_rows(records, profile)
+    has_workers = any(role == "worker" for role in roles.values())
+    subject_phases = _phase_rows(
+        [w for w in records if roles.get(_int(w.get("pid")), "worker") == "worker"],
+        profile, summary=False) if has_workers else phases
+    pool, pool_source = _pool_timeline(pools, samples, ends, roles)
+    peak, rss_peak = _pool_peaks(pool)
+    tasks, task_phases, tasks_source = _task_series(events, phase_records, roles, has_workers)
+    root_peak = _root_peak(pools, by_pid, roles)
     run = Run(
         header=header, kind=_str(header.get("kind")) or "unknown", t0=t0, duration=duration,
         workers=workers, phases=phases, pool=pool, pool_source=pool_source, peak=peak,
-        rss_peak=rss_peak, max_live=max_live, roles=roles, samples=by_pid, tasks=tasks,
-        tasks_source=tasks_source, task_phases=task_phases,
+        rss_peak=rss_peak, max_live=_max_live(pool, pools, workers, ends), roles=roles,
+        samples=by_pid, tasks=tasks, tasks_source=tasks_source, task_phases=task_phases,
         intervals=_intervals(by_pid, events, phase_records, rel, duration),
-        main_peak=main_peak, baselines=baselines, truncated=profile.truncated, skipped=skipped,
+        main_peak=root_peak, baselines=_baselines(roles, joins, by_pid),
+        truncated=profile.truncated, skipped=skipped, processes=processes,
+        deaths=_deaths(rows, exits), events_dropped=_events_dropped(events, records),
+        subject_phases=subject_phases, machine_memory=_machine_memory(header),
+        task_counts={w.pid: w.tasks for w in rows if w.tasks is not None},
     )
     run._ends = ends
     return run
 
 
 def _worker_rows(records, roles, by_pid, events, exits, t0) -> list[WorkerRow]:
+    """One row per process that is not memtrack's own: its final record when there is
+    one (a slot's from the table, a descendant's from /proc), else what its samples and
+    events say."""
     rows: dict[int, WorkerRow] = {}
     seen: dict[int, list[float]] = {}
     for s in (*(s for rows_ in by_pid.values() for s in rows_), *events):
@@ -450,7 +587,7 @@ def _worker_rows(records, roles, by_pid, events, exits, t0) -> list[WorkerRow]:
             tasks[e["pid"]] = max(tasks.get(e["pid"], 0), count)
     for w in records:
         pid = _int(w.get("pid"))
-        if pid is None:
+        if pid is None or roles.get(pid, "worker") == "tool":
             continue
         # A worker record says "" between phases and 0 for USS/PSS before its first reading.
         rows[pid] = WorkerRow(
@@ -459,19 +596,20 @@ def _worker_rows(records, roles, by_pid, events, exits, t0) -> list[WorkerRow]:
             uss=_size(w.get("uss")) or None, pss=_size(w.get("pss")) or None,
             phase=_str(w.get("phase")) or None,
             exit_code=_int(w.get("exit_code")), exit_signal=_int(w.get("exit_signal")),
-            first_seen=None, last_seen=None, samples=0,
+            first_seen=None, last_seen=None, samples=0, role=roles.get(pid, "worker"),
+            oom=w.get("oom") is True,
         )
         for key in ("joined", "updated"):
             value = _num(w.get(key))
             if value is not None and t0 is not None:
                 seen.setdefault(pid, []).append(value - t0)
     for pid, role in roles.items():
-        if role != "worker" or pid in rows:
+        if role == "tool" or pid in rows:
             continue
         last = by_pid[pid][-1] if pid in by_pid else None
         exit_event = exits.get(pid)
         if exit_event is None:
-            state = "unknown"
+            state = "unknown" if role == "worker" else "running"
         elif exit_event["state"]:
             state = exit_event["state"]
         elif exit_event["kind"] == "death" or exit_event["exit_signal"]:
@@ -486,7 +624,7 @@ def _worker_rows(records, roles, by_pid, events, exits, t0) -> list[WorkerRow]:
             phase=(last["phase"] if last else None) or (exit_event or {}).get("phase"),
             exit_code=(exit_event or {}).get("exit_code"),
             exit_signal=(exit_event or {}).get("exit_signal"),
-            first_seen=None, last_seen=None, samples=0,
+            first_seen=None, last_seen=None, samples=0, role=role,
         )
     for pid, row in rows.items():
         times = seen.get(pid)
@@ -499,10 +637,69 @@ def _worker_rows(records, roles, by_pid, events, exits, t0) -> list[WorkerRow]:
         row.max_peak_rss = max(peaks) if peaks else None
         if row.tasks is None and pid in tasks:
             row.tasks = tasks[pid]
+        exit_event = exits.get(pid)
+        if exit_event is not None:
+            row.ended = exit_event["time"]
+            row.oom = row.oom or exit_event["oom"]
+            if row.exit_signal is None and exit_event["exit_signal"] is not None:
+                row.exit_signal = exit_event["exit_signal"]
     return sorted(rows.values(), key=lambda r: (r.first_seen is None, r.first_seen or 0, r.pid))
 
 
-def _phase_rows(records, profile) -> list[PhaseRow]:
+#: The signal a pool sends the workers it stops (ProcessPoolExecutor and Pool terminate()).
+_SIGTERM = 15
+
+
+def _deaths(rows: list[WorkerRow], exits) -> list[DeathRow]:
+    """The workers that ended abnormally, the first to die (the culprit) first.
+
+    When one worker dies, ProcessPoolExecutor (and Pool.terminate) stops the others with
+    SIGTERM: those are bystanders, not what broke the pool. The culprit is the earliest
+    abnormal end, SIGTERM last among ends seen in the same round.
+    """
+    found = []
+    for w in rows:
+        if w.role != "worker":
+            continue
+        abnormal = (w.state == "killed" or w.oom or w.exit_signal is not None
+                    or (w.exit_code not in (None, 0)))
+        if not abnormal:
+            continue
+        how = ("oom" if w.oom else "signal" if w.exit_signal is not None
+               else "exit code" if w.exit_code not in (None, 0) else "signal")
+        found.append(DeathRow(
+            pid=w.pid, time=w.ended if w.ended is not None else w.last_seen, how=how,
+            exit_signal=w.exit_signal, exit_code=w.exit_code, phase=w.phase, rss=w.rss,
+            peak_rss=w.max_peak_rss, tasks=w.tasks))
+    if not found:
+        return []
+    order = sorted(found, key=lambda d: (d.time if d.time is not None else math.inf,
+                                          d.exit_signal == _SIGTERM, d.pid))
+    first = order[0]
+    first.culprit = True
+    for d in order[1:]:
+        d.stopped_by_pool = d.exit_signal in (_SIGTERM, None) and d.how != "oom" and (
+            first.time is None or d.time is None or d.time >= first.time)
+    return order
+
+
+def _events_dropped(events, records) -> int:
+    """Task events lost to a full ring (a "dropped" event, or a record's count)."""
+    total = sum(e["count"] or 0 for e in events if e["kind"] == "dropped")
+    return total + sum(_size(w.get("events_dropped")) or 0 for w in records)
+
+
+def _machine_memory(header) -> int | None:
+    """The memory the recording host (or its cgroup) has: the cgroup limit when set and
+    below the host's total, else the host's total."""
+    limits = header.get("limits") if isinstance(header.get("limits"), Mapping) else {}
+    total, limit = _size(limits.get("total")), _size(limits.get("limit"))
+    if limit and (total is None or limit < total):
+        return limit
+    return total or None
+
+
+def _phase_rows(records, profile, *, summary: bool = True) -> list[PhaseRow]:
     rows: dict[str, PhaseRow] = {}
 
     def add(path, count, total_time, max_peak_rss, max_peak_delta, total_rss_delta):
@@ -531,13 +728,15 @@ def _phase_rows(records, profile) -> list[PhaseRow]:
             if None in (count, total_time, peak, delta, retained) or count < 1:
                 continue
             add(path, count, total_time, peak, delta, retained)
-    summary = getattr(profile, "summary", None) or {}
-    if summary:
-        for path, s in summary.items():
+    # The recording process's own phases: its summary, else its phase records. The
+    # workers' phase table (summary=False) leaves them out.
+    summaries = (getattr(profile, "summary", None) or {}) if summary else None
+    if summaries:
+        for path, s in summaries.items():
             if isinstance(path, str):
                 add(path, s.count, s.total_time, s.max_peak_rss, s.max_peak_delta,
                     s.total_rss_delta)
-    else:
+    elif summaries is not None:
         # Phase records without a summary: aggregate them, one process per pid.
         by_pid: dict[int, list[Any]] = {}
         for p in getattr(profile, "phases", None) or ():
@@ -624,14 +823,16 @@ def _max_concurrent(workers: list[WorkerRow], ends: dict[int, float]) -> int:
     return best
 
 
-def _task_series(events, phase_records, roles):
-    """Retained memory after each task, per process, oldest first."""
+def _task_series(events, phase_records, roles, has_workers=True):
+    """Retained memory after each task, per worker (per process in a profile without
+    workers), oldest first."""
     tasks: dict[int, list[tuple[float, int]]] = {}
     names: dict[int, list[str]] = {}
     for e in events:
-        if e["kind"] == "task" and e["pid"] is not None and e["retained"] is not None:
+        if (e["kind"] == "task" and e["pid"] is not None and e["retained"] is not None
+                and (roles.get(e["pid"], "worker") == "worker" or not has_workers)):
             tasks.setdefault(e["pid"], []).append((e["time"], e["retained"]))
-            names.setdefault(e["pid"], []).append(e["phase"] or "task")
+            names.setdefault(e["pid"], []).append(e["phase"])
     if tasks:
         return tasks, names, "task events"
     # A dump() has no task events; its outermost phases are the tasks.
@@ -684,9 +885,12 @@ def _thin(values: Sequence[Any], limit: int) -> list[Any]:
 # --------------------------------------------------------------------------- insights
 
 
-def _severity(savings: int, reference: int | None) -> str:
+def _severity(savings: int, run: Run) -> str:
+    """How bad: the share of the machine's memory (the cgroup's limit, else the host's
+    total) a fix would give back. Without the machine's size, the share of the pool peak."""
     if savings <= 0:
         return "info"
+    reference = run.machine_memory or run.peak_bytes
     if not reference:
         return "warning"
     share = savings / reference
@@ -705,54 +909,83 @@ def _most_common(names: Iterable[str]) -> str | None:
     return max(counts, key=lambda k: counts[k]) if counts else None
 
 
+def _leak_of(run: Run, pid: int, series: list[tuple[float, int]]) -> dict[str, Any] | None:
+    """The evidence that one worker leaks, or None: growth after each task that is both
+    significant (robust Theil-Sen slope, Mann-Kendall trend test, both halves growing)
+    and material (at least LEAK_MIN_GROWTH and LEAK_MIN_SHARE of the worker's memory)."""
+    values = [v for _, v in series][1:]  # the first task builds per-worker state
+    if len(values) < LEAK_MIN_TASKS:
+        return None
+    points = _thin(values, LEAK_MAX_POINTS)
+    per_point = (len(values) - 1) / (len(points) - 1)
+    slope = theil_sen(points) / per_point
+    growth = slope * (len(values) - 1)
+    size = max(values)
+    if growth < max(LEAK_MIN_GROWTH, LEAK_MIN_SHARE * size):
+        return None
+    z = mann_kendall_z(points)
+    half = len(points) // 2
+    halves = [theil_sen(points[:half + 1]) / per_point, theil_sen(points[half:]) / per_point]
+    if z < LEAK_MIN_Z or min(halves) < LEAK_HALF_SLOPE * slope:
+        return None
+    return {
+        "pid": pid, "tasks_measured": len(values) + 1, "tasks": run.task_counts.get(pid),
+        "slope_per_task": round(slope), "growth": round(growth), "size": size,
+        "first_retained": series[1][1], "last_retained": series[-1][1],
+        "mann_kendall_z": round(z, 2), "kendall_tau": round(kendall_tau(points), 3),
+        "half_slopes": [round(h) for h in halves], "phase": _task_phase(run, pid),
+    }
+
+
+def _task_phase(run: Run, pid: int) -> str | None:
+    """What a worker's tasks are called in the phase table: the task events' phase when
+    they name one, else the worker's outermost phase that ran most often (not its
+    one-off init), else None (its tasks are not in a phase)."""
+    named = _most_common(p for p in run.task_phases.get(pid, [])[1:] if p)
+    if named:
+        return named
+    top = {row.path: row.count for row in run.subject_phases if _top(row.path)}
+    repeated = [path for path, count in top.items() if count > 1]
+    return max(repeated, key=lambda p: top[p]) if repeated else None
+
+
 def _leaks(run: Run) -> list[Insight]:
-    found = []
-    for pid, series in sorted(run.tasks.items()):
-        values = [v for _, v in series][1:]  # the first task builds per-worker state
-        if len(values) < LEAK_MIN_TASKS:
-            continue
-        points = _thin(values, LEAK_MAX_POINTS)
-        per_point = (len(values) - 1) / (len(points) - 1)
-        slope = theil_sen(points) / per_point
-        growth = slope * (len(values) - 1)
-        if growth < LEAK_MIN_GROWTH:
-            continue
-        tau = kendall_tau(points)
-        half = len(points) // 2
-        halves = [theil_sen(points[:half + 1]) / per_point, theil_sen(points[half:]) / per_point]
-        if tau < LEAK_MIN_TAU or min(halves) < LEAK_HALF_SLOPE * slope:
-            continue
-        found.append({
-            "pid": pid, "tasks": len(values) + 1, "slope_per_task": round(slope),
-            "growth": round(growth), "first_retained": series[1][1],
-            "last_retained": series[-1][1], "kendall_tau": round(tau, 3),
-            "half_slopes": [round(h) for h in halves],
-            "phase": _most_common(run.task_phases.get(pid, [])[1:]),
-        })
+    found = [f for pid, series in sorted(run.tasks.items())
+             if (f := _leak_of(run, pid, series)) is not None]
     if not found:
         return []
     savings = sum(f["growth"] for f in found)
     worst = max(found, key=lambda f: f["growth"])
-    phase = worst["phase"] or "task"
+    phase = worst["phase"]
+    unit = f"'{phase}'" if phase else "task"
     who = (f"Worker {worst['pid']}" if len(found) == 1 else
            f"{len(found)} workers (worst: {worst['pid']})")
     source = ("after each task" if run.tasks_source == "task events"
               else "at the end of each outermost phase")
+    measured = worst["tasks_measured"]
+    total = worst["tasks"]
+    over = (f"{measured} tasks" if total in (None, measured)
+            else f"{measured} of its {total} tasks")
+    dropped = (f" ({run.events_dropped} task events were dropped)"
+               if run.events_dropped else "")
     message = (
         f"{who} keep{'s' if len(found) == 1 else ''} more memory {source}: "
-        f"+{format_size(worst['slope_per_task'])} per '{phase}' (robust Theil-Sen slope over "
-        f"{worst['tasks'] - 1} tasks, Kendall's tau {worst['kendall_tau']:.2f}), "
-        f"{format_size(worst['growth'])} by the end. Look for caches, module-level "
-        "lists or dicts that every task appends to; bound or clear them, or recycle workers "
-        "(max_tasks_per_child= / maxtasksperchild=)."
+        f"+{format_size(worst['slope_per_task'])} per {unit} (robust Theil-Sen slope over "
+        f"{over}{dropped}; Mann-Kendall z {worst['mann_kendall_z']:.1f}), "
+        f"{format_size(worst['growth'])} by the end, "
+        f"{worst['growth'] / worst['size'] * 100:.0f}% of its {format_size(worst['size'])}. "
+        "Look for caches, module-level lists or dicts that every task appends to; bound or "
+        "clear them, or recycle workers (max_tasks_per_child= / maxtasksperchild=)."
     )
+    title = (f"Leak in '{phase}'" if phase else "Leak across tasks")
     return [Insight(
-        kind="leak", severity=_severity(savings, run.peak_bytes),
-        title=f"Leak in '{phase}' (Estimated Savings: {_about(savings)})",
+        kind="leak", severity=_severity(savings, run),
+        title=f"{title} (Estimated Savings: {_about(savings)})",
         message=message,
         evidence={"phase": phase, "workers": found, "source": run.tasks_source,
+                  "events_dropped": run.events_dropped,
                   "thresholds": {"min_tasks": LEAK_MIN_TASKS, "min_growth": LEAK_MIN_GROWTH,
-                                 "min_tau": LEAK_MIN_TAU}},
+                                 "min_share": LEAK_MIN_SHARE, "min_z": LEAK_MIN_Z}},
         estimated_savings=int(savings),
     )]
 
@@ -783,7 +1016,8 @@ def _first_retained(run: Run, profile: Any) -> dict[int, tuple[int, str, str]]:
     if run.tasks_source == "task events":
         for pid, series in run.tasks.items():
             if pid in workers and pid not in out and pid in run.baselines:
-                name = (run.task_phases.get(pid) or ["task"])[0]
+                name = (run.task_phases.get(pid) or [None])[0] or _task_phase(run, pid) \
+                    or "task"
                 out[pid] = (series[0][1] - run.baselines[pid], name, "task events")
     return out
 
@@ -816,7 +1050,7 @@ def _duplicated_state(run: Run, profile: Any) -> list[Insight]:
         f"saves about ({concurrent} - 1) x {format_size(median)} = {format_size(savings)}."
     )
     return [Insight(
-        kind="duplicated_state", severity=_severity(savings, run.peak_bytes),
+        kind="duplicated_state", severity=_severity(savings, run),
         title=f"Duplicated state after '{phase}' (Estimated Savings: {_about(savings)})",
         message=message,
         evidence={
@@ -875,10 +1109,13 @@ def _worker_count(run: Run, profile: Any, available: Any, cpus: int | None,
     host = (f"this host ({format_size(plan.available)} available, {plan.cpus} CPU"
             f"{'s' if plan.cpus != 1 else ''})")
     if used > plan.workers:
+        # Fewer workers cannot save more than the workers use at their peak.
         savings = (used - plan.workers) * plan.per_worker
+        if run.peak_bytes:
+            savings = min(savings, run.peak_bytes)
         killed = [w.pid for w in workers if w.state == "killed" or w.exit_signal]
         over_memory = run.peak_bytes is not None and run.peak_bytes > plan.available
-        severity = "critical" if killed or over_memory else _severity(savings, run.peak_bytes)
+        severity = "critical" if killed or over_memory else _severity(savings, run)
         if severity == "info":
             severity = "warning"
         evidence["killed_workers"] = killed
@@ -912,7 +1149,7 @@ def _worker_count(run: Run, profile: Any, available: Any, cpus: int | None,
 
 def _spikes(run: Run) -> list[Insight]:
     candidates = {}
-    for row in run.phases:
+    for row in run.subject_phases:
         retained = max(row.mean_rss_delta, 0.0)
         transient = row.max_peak_delta - retained
         if transient >= SPIKE_MIN_TRANSIENT and row.max_peak_delta >= SPIKE_MIN_RATIO * max(
@@ -942,7 +1179,7 @@ def _spikes(run: Run) -> list[Insight]:
             f"incrementally): up to {format_size(transient)}{across} = {format_size(savings)}."
         )
         found.append(Insight(
-            kind="transient_spike", severity=_severity(savings, run.peak_bytes),
+            kind="transient_spike", severity=_severity(savings, run),
             title=f"Transient spike in '{row.path}' (Estimated Savings: {_about(savings)})",
             message=message,
             evidence={"phase": row.path, "max_peak_delta": row.max_peak_delta,
@@ -956,64 +1193,49 @@ def _spikes(run: Run) -> list[Insight]:
 
 
 def _hot_phase(run: Run) -> list[Insight]:
-    if run.peak is not None and run.samples:
-        at_peak = run.at(run.peak.time)
-        held: dict[str | None, int] = {}
-        holders: dict[str | None, list[int]] = {}
-        use_pss = all(s["pss"] is not None for s in at_peak.values())
-        for pid, s in at_peak.items():
-            if run.roles.get(pid) != "worker":
-                continue
-            value = s["pss"] if use_pss else s["rss"]
-            held[s["phase"]] = held.get(s["phase"], 0) + value
-            holders.setdefault(s["phase"], []).append(pid)
-        total = sum(held.values())
-        named = {k: v for k, v in held.items() if k is not None}
-        if not total or not named:
-            return []
-        phase = max(named, key=lambda k: named[k])
-        share = named[phase] / total
-        if share < HOT_MIN_SHARE:
-            return []
-        measure = "PSS" if use_pss else "RSS"
-        sampled = sum(len(pids) for pids in holders.values())
-        message = (
-            f"At the pool's peak ({format_size(total)} {measure} at {run.peak.time:.1f} s), "
-            f"{len(holders[phase])} of {sampled} workers were in '{phase}', holding "
-            f"{format_size(named[phase])} "
-            f"({share * 100:.0f}%). Start there: its spikes and what it keeps set the pool's "
-            "peak."
-        )
-        evidence = {
-            "phase": phase, "share": round(share, 4), "bytes": named[phase],
-            "pool_peak": total, "measure": measure.lower(), "time": round(run.peak.time, 3),
-            "workers_in_phase": sorted(holders[phase]),
-            "by_phase": {str(k) if k is not None else "(none)": v for k, v in held.items()},
-        }
-    else:
-        if not run.phases:
-            return []
-        peak = run.peak_bytes
-        # The phase during which the process peaked; the deepest when nested phases tie.
-        row = max(run.phases, key=lambda r: (r.max_peak_rss, r.path.count("/")))
-        if not peak or not row.max_peak_delta:
-            return []
-        share = row.max_peak_delta / peak
-        if share < HOT_MIN_SHARE:
-            return []
-        message = (
-            f"The peak ({format_size(row.max_peak_rss)}) was reached in '{row.path}', which "
-            f"added {format_size(row.max_peak_delta)} ({share * 100:.0f}% of the peak) on top "
-            "of the memory it started with. Start there."
-        )
-        evidence = {"phase": row.path, "share": round(share, 4), "bytes": row.max_peak_delta,
-                    "pool_peak": peak, "measure": "peak_rss", "time": None,
-                    "workers_in_phase": [], "by_phase": {}}
-        phase = row.path
+    """The phase that adds the most to the peak: its peak above its own start (what the
+    phase itself allocates, not the memory the worker already had), in each worker
+    running it at once, as a share of the pool peak. A nested phase that adds most of
+    its parent's rise is the one named."""
+    peak = run.peak_bytes
+    rows = [r for r in run.subject_phases if r.max_peak_delta >= HOT_MIN_ADDED]
+    if not peak or not rows:
+        return []
+
+    def concurrent(row: PhaseRow) -> int:
+        return max(1, min(row.processes, run.max_live) if run.max_live else row.processes)
+
+    def added(row: PhaseRow) -> int:
+        return row.max_peak_delta * concurrent(row)
+
+    best = max(rows, key=lambda r: (added(r), r.path.count("/")))
+    deeper = [r for r in rows if r.path.startswith(best.path + "/")
+              and r.max_peak_delta >= SPIKE_CHILD_EXPLAINS * best.max_peak_delta]
+    if deeper:
+        best = max(deeper, key=lambda r: (r.path.count("/"), r.max_peak_delta))
+    total = min(added(best), peak)
+    share = total / peak
+    if share < HOT_MIN_SHARE:
+        return []
+    n = concurrent(best)
+    measure = "PSS" if run.peak is not None and run.peak.pss is not None else "peak RSS"
+    across = f" x {n} workers running it at once" if n > 1 else ""
+    message = (
+        f"'{best.path}' rises up to {format_size(best.max_peak_delta)} above the memory it "
+        f"starts with{across} = {format_size(total)}, {share * 100:.0f}% of the "
+        f"{format_size(peak)} pool peak ({measure}); it keeps "
+        f"{format_size(max(best.mean_rss_delta, 0))} per run on average. Start there: what "
+        "it allocates sets the peak."
+    )
     return [Insight(
         kind="hot_phase", severity="info",
-        title=f"Hot phase: '{phase}' holds {share * 100:.0f}% of the peak",
-        message=message, evidence=evidence, estimated_savings=0,
+        title=f"Hot phase: '{best.path}' adds {share * 100:.0f}% of the peak",
+        message=message,
+        evidence={"phase": best.path, "share": round(share, 4), "bytes": total,
+                  "max_peak_delta": best.max_peak_delta,
+                  "mean_retained": int(best.mean_rss_delta), "concurrent": n,
+                  "pool_peak": peak, "measure": measure.lower()},
+        estimated_savings=0,
     )]
 
 

@@ -48,9 +48,9 @@ def _limits() -> tuple[dict[str, Any], int]:
     return limits, cpu_limit()
 
 
-def _worker_record(w: _core.WorkerStats) -> dict[str, Any]:
+def _worker_record(w: _core.WorkerStats, role: str | None = None) -> dict[str, Any]:
     return {
-        "t": "worker", "pid": w.pid, "slot": w.slot, "state": w.state, "tasks": w.tasks,
+        "t": "worker", "source": "table", "role": role or "worker", "pid": w.pid, "slot": w.slot, "state": w.state, "tasks": w.tasks,
         "rss": w.rss, "peak_rss": w.peak_rss, "uss": w.uss, "pss": w.pss, "phase": w.phase,
         "exit_code": w.exit_code, "exit_signal": w.exit_signal, "joined": w.joined,
         "updated": w.updated, "error": w.error,
@@ -122,10 +122,14 @@ class record:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
                 os.write(fd, _core.pack(header))
+                # With a root_pid the command is another process and this one is
+                # memtrack's own (memtrack run): in no figure. Else this process
+                # is the root of the pool it records.
                 self._recorder = _core.Recorder(fd, self.interval,
                                                 table=table.name if table else None,
                                                 root_pid=self.root_pid or 0,
-                                                pss_every=self.pss_every)
+                                                pss_every=self.pss_every,
+                                                self_role="tool" if self.root_pid else "root")
                 self._started = header["started"]
                 self._owner_pid = os.getpid()
                 self._recorder.start()
@@ -155,8 +159,10 @@ class record:
                 self.status = rec.stop()
                 tail = []
                 if self.table is not None and not self.table.closed:
+                    roles = self.status.get("roles") or {}
                     try:
-                        tail += [_worker_record(w) for w in self.table.workers(check=True)]
+                        tail += [_worker_record(w, roles.get(w.pid))
+                                 for w in self.table.workers(check=True)]
                     except TableError:
                         pass  # damaged under us (resized, rewritten): no summaries to trust
                 # Only the phases of the recording's own span, and their summary.

@@ -104,7 +104,7 @@ def render_csv(run: Run) -> str:
     for s in rows:
         writer.writerow([
             f"{s['time'] + t0:.6f}", f"{s['time']:.6f}", s["pid"],
-            run.roles.get(s["pid"], "process"), s["source"], s["rss"],
+            run.roles.get(s["pid"], "other"), s["source"], s["rss"],
             *("" if s[k] is None else s[k] for k in ("peak_rss", "pss", "uss")),
             s["phase"] or "",
         ])

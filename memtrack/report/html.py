@@ -63,15 +63,15 @@ def _chart_data(run: Run) -> dict[str, Any]:
 
     for r in run.phases:  # stable colours: the phase table's order first
         phase_id(r.path)
-    order = {"main": 0, "process": 1, "worker": 2}
-    pids = sorted(run.samples, key=lambda pid: (order.get(run.roles.get(pid, "process"), 1),
+    order = {"root": 0, "helper": 1, "other": 1, "worker": 2}
+    pids = sorted(run.samples, key=lambda pid: (order.get(run.roles.get(pid, "other"), 1),
                                                 pid))
     processes = []
     for pid in pids:
         rows = _thin_max(run.samples[pid], MAX_POINTS)
         use_pss = False  # a worker's own line is its RSS; the pool line shows PSS
         processes.append({
-            "pid": pid, "role": run.roles.get(pid, "process"),
+            "pid": pid, "role": run.roles.get(pid, "other"),
             "points": [[round(r["time"], 3), r["pss"] if use_pss else r["rss"],
                         phase_id(r["phase"])] for r in rows],
         })
@@ -84,9 +84,9 @@ def _chart_data(run: Run) -> dict[str, Any]:
     for interval in run.intervals:
         if interval.pid not in lanes_pids:
             lanes_pids.append(interval.pid)
-    lanes_pids.sort(key=lambda pid: (order.get(run.roles.get(pid, "process"), 1), pid))
+    lanes_pids.sort(key=lambda pid: (order.get(run.roles.get(pid, "other"), 1), pid))
     lanes_pids = lanes_pids[:MAX_LANES]
-    lane_of = {pid: f"{run.roles.get(pid, 'process')} {pid}" for pid in lanes_pids}
+    lane_of = {pid: f"{run.roles.get(pid, 'other')} {pid}" for pid in lanes_pids}
     intervals = [[lane_of[i.pid], round(i.start, 3), round(i.end, 3), phase_id(i.phase)]
                  for i in run.intervals if i.pid in lane_of]
     return {

@@ -55,7 +55,7 @@ def _timeline_rows(run: Run, rows: int = 12) -> list[Any]:
 
 
 def _main_rss_at(run: Run, time: float) -> int | None:
-    values = [s["rss"] for pid, s in run.at(time).items() if run.roles.get(pid) == "main"]
+    values = [s["rss"] for pid, s in run.at(time).items() if run.roles.get(pid) == "root"]
     return sum(values) if values else None
 
 

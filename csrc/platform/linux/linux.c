@@ -853,18 +853,19 @@ mt_os_close(int fd)
 #include <dirent.h>
 
 int
-mt_os_proc_memory(long pid, uint64_t *rss, uint64_t *hwm)
+mt_os_proc_memory(long pid, uint64_t *rss, uint64_t *hwm, uint64_t *anon)
 {
     char path[64], buf[8192];
     snprintf(path, sizeof path, "/proc/%ld/status", pid);
     if (read_small(path, buf, sizeof buf) <= 0) {
         return -1;
     }
-    *rss = *hwm = 0;
+    *rss = *hwm = *anon = 0;
     if (!find_kb(buf, "VmRSS", rss)) {
         return -1; /* a zombie or a kernel thread: no memory to report */
     }
     find_kb(buf, "VmHWM", hwm);
+    find_kb(buf, "RssAnon", anon);
     return 0;
 }
 
@@ -914,4 +915,188 @@ mt_os_write_all(int fd, const char *buf, size_t len, mt_oserr *e)
         len -= (size_t)w;
     }
     return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* What a process is, and the OOM killer's counters (memtrack run's roles    */
+/* and deaths, sampler.c).                                                   */
+
+long
+mt_os_proc_cmdline(long pid, char *buf, size_t size)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%ld/cmdline", pid);
+    ssize_t n = read_small(path, buf, size);
+    if (n < 0) {
+        return -1;
+    }
+    for (ssize_t i = 0; i < n; i++) {
+        if (buf[i] == '\0') {
+            buf[i] = ' ';
+        }
+    }
+    while (n > 0 && buf[n - 1] == ' ') {
+        buf[--n] = '\0';
+    }
+    return (long)n;
+}
+
+/* Inodes of the listening Unix sockets in /proc/<pid>/net/unix: a line
+ * "Num RefCount Protocol Flags Type St Inode Path", Flags bit 0x10000 being
+ * __SO_ACCEPTCON (listen() was called). */
+static size_t
+listening_inodes(long pid, unsigned long *out, size_t max)
+{
+    char path[64], line[512];
+    snprintf(path, sizeof path, "/proc/%ld/net/unix", pid);
+    FILE *f = fopen(path, "re");
+    size_t n = 0;
+    if (f == NULL) {
+        return 0;
+    }
+    while (n < max && fgets(line, sizeof line, f) != NULL) {
+        unsigned long refs, proto, flags, type, state, inode;
+        char *colon = strchr(line, ':');
+        if (colon == NULL || sscanf(colon + 1, "%lx %lx %lx %lx %lx %lu", &refs, &proto, &flags,
+                                    &type, &state, &inode) != 6) {
+            continue; /* the header line */
+        }
+        if ((flags & 0x10000UL) && inode != 0) {
+            out[n++] = inode;
+        }
+    }
+    fclose(f);
+    return n;
+}
+
+int
+mt_os_proc_listens(long pid)
+{
+    unsigned long inodes[256];
+    size_t count = listening_inodes(pid, inodes, sizeof inodes / sizeof *inodes);
+    int found = 0;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%ld/fd", pid);
+    DIR *d = count ? opendir(path) : NULL;
+    if (count == 0) {
+        return 0;
+    }
+    if (d == NULL) {
+        return -1;
+    }
+    struct dirent *ent;
+    while (!found && (ent = readdir(d)) != NULL) {
+        char link[96], target[64];
+        if (ent->d_name[0] < '0' || ent->d_name[0] > '9') {
+            continue;
+        }
+        snprintf(link, sizeof link, "/proc/%ld/fd/%.20s", pid, ent->d_name);
+        ssize_t n = readlink(link, target, sizeof target - 1);
+        unsigned long inode;
+        if (n <= 0) {
+            continue;
+        }
+        target[n] = '\0';
+        if (sscanf(target, "socket:[%lu]", &inode) != 1) {
+            continue;
+        }
+        for (size_t i = 0; i < count && !found; i++) {
+            found = inodes[i] == inode;
+        }
+    }
+    closedir(d);
+    return found;
+}
+
+int
+mt_os_proc_exit_status(long pid, int *exit_code, int *exit_signal)
+{
+    char path[64], buf[2048];
+    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    if (read_small(path, buf, sizeof buf) <= 0) {
+        return 0;
+    }
+    /* "pid (comm) S ...": the comm may hold spaces and parentheses. */
+    char *p = strrchr(buf, ')');
+    if (p == NULL || p[1] != ' ' || p[2] != 'Z') {
+        return 0;
+    }
+    p += 2; /* field 3, the state */
+    long status = -1;
+    for (int field = 3; field < 52 && p != NULL; field++) {
+        p = strchr(p, ' ');
+        p = p ? p + 1 : NULL;
+    }
+    if (p == NULL || sscanf(p, "%ld", &status) != 1 || status < 0) {
+        return 0;
+    }
+    *exit_code = -1;
+    *exit_signal = -1;
+    if (WIFSIGNALED((int)status)) {
+        *exit_signal = WTERMSIG((int)status);
+    }
+    else {
+        *exit_code = WEXITSTATUS((int)status);
+    }
+    return 1;
+}
+
+int
+mt_os_oom_counter_file(long pid, char *file, size_t size)
+{
+    char path[64], buf[4096];
+    snprintf(path, sizeof path, "/proc/%ld/cgroup", pid);
+    if (read_small(path, buf, sizeof buf) <= 0) {
+        return -1;
+    }
+    /* v1 "N:memory:/path" (or "N:...,memory,...:/path"), v2 "0::/path". */
+    char *v1 = NULL, *v2 = NULL;
+    for (char *line = strtok(buf, "\n"); line != NULL; line = strtok(NULL, "\n")) {
+        char *controllers = strchr(line, ':');
+        char *where = controllers ? strchr(controllers + 1, ':') : NULL;
+        if (where == NULL) {
+            continue;
+        }
+        *where++ = '\0';
+        controllers++;
+        if (controllers[0] == '\0') {
+            v2 = where;
+        }
+        for (char *c = controllers; v1 == NULL && c != NULL; c = strchr(c, ',')) {
+            c += c[0] == ',';
+            if (strncmp(c, "memory", 6) == 0 && (c[6] == '\0' || c[6] == ',')) {
+                v1 = where;
+            }
+        }
+    }
+    if (v1 != NULL) {
+        snprintf(file, size, "/sys/fs/cgroup/memory%s/memory.oom_control",
+                 strcmp(v1, "/") == 0 ? "" : v1);
+        if (mt_os_oom_kills(file) >= 0) {
+            return 0;
+        }
+    }
+    if (v2 != NULL) {
+        snprintf(file, size, "/sys/fs/cgroup%s/memory.events", strcmp(v2, "/") == 0 ? "" : v2);
+        if (mt_os_oom_kills(file) >= 0) {
+            return 0;
+        }
+    }
+    snprintf(file, size, "/proc/vmstat");
+    return 0;
+}
+
+int64_t
+mt_os_oom_kills(const char *file)
+{
+    char buf[8192];
+    if (read_small(file, buf, sizeof buf) <= 0) {
+        return -1;
+    }
+    for (char *p = buf; (p = strstr(p, "oom_kill ")) != NULL; p++) {
+        if (p == buf || p[-1] == '\n') {
+            return strtoll(p + 9, NULL, 10);
+        }
+    }
+    return -1;
 }
