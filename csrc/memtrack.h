@@ -206,6 +206,7 @@ void mt_worker_on_exit_locked(const mt_worker_exit *x, int *entry_cache, uint32_
 extern PyType_Spec mt_segment_spec;
 extern PyType_Spec mt_worker_stats_spec; /* table/reader.c: a view of one slot */
 extern PyType_Spec mt_recorder_spec; /* sampler.c */
+PyObject *mt_oom_kills_py(PyObject *module, PyObject *pid);
 PyObject *mt_worker_join(PyObject *module, PyObject *name);
 PyObject *mt_worker_rejoin(PyObject *module, PyObject *unused);
 PyObject *mt_worker_leave(PyObject *module, PyObject *unused);

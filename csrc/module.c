@@ -244,6 +244,8 @@ static PyMethodDef module_methods[] = {
     {"set_heartbeat", mt_worker_set_heartbeat, METH_O, "set_heartbeat(seconds); 0 disables."},
     {"segment_creator", mt_segment_creator, METH_O, "segment_creator(name) -> (pid, start, same_namespace, damage)."},
     {"proc_identity", mt_proc_identity, METH_O, "proc_identity(pid) -> (state, start_time)."},
+    {"oom_kills", mt_oom_kills_py, METH_O,
+     "oom_kills(pid) -> (counter file, kills so far) of pid's memory cgroup, or None."},
     {"unlink_segment", mt_unlink_segment, METH_O, "unlink_segment(name)."},
     {NULL, NULL, 0, NULL},
 };

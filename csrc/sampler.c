@@ -292,28 +292,38 @@ has_helper_command(const char *cmd)
 static mt_role
 classify_proc(RecorderObject *r, long pid, long ppid, int *forkserver)
 {
+    static const char marker[] = "multiprocessing.forkserver";
     char cmd[2048];
     *forkserver = 0;
     if (pid == r->root_pid) {
         return ROLE_ROOT;
     }
-    const mt_seen_proc *parent = known_proc(r, ppid);
-    int parent_forkserver = parent != NULL && parent->forkserver;
     long n = mt_os_proc_cmdline(pid, cmd, sizeof cmd);
     if (n > 0 && has_helper_command(cmd)) {
         return ROLE_HELPER;
     }
-    /* The forkserver's children are forked from it, so they run its command
-     * line too: the forkserver is the one whose parent is not one. */
-    if (n > 0 && strstr(cmd, "multiprocessing.forkserver") != NULL && !parent_forkserver) {
+    /* The forkserver's children are forked from it and run its command line
+     * too: a worker is a child of a forkserver, the forkserver is not. The
+     * parent may have been first seen before it exec'd the forkserver. */
+    const mt_seen_proc *parent = known_proc(r, ppid);
+    int in_forkserver = n > 0 && strstr(cmd, marker) != NULL;
+    int parent_forkserver = parent != NULL && parent->forkserver;
+    if (in_forkserver && !parent_forkserver) {
+        char parent_cmd[2048];
+        parent_forkserver = mt_os_proc_cmdline(ppid, parent_cmd, sizeof parent_cmd) > 0 &&
+                            strstr(parent_cmd, marker) != NULL;
+    }
+    if (parent_forkserver) {
+        return ROLE_WORKER;
+    }
+    if (in_forkserver) {
         *forkserver = 1;
         return ROLE_HELPER;
     }
-    if (mt_os_proc_listens(pid) == 1) {
-        return ROLE_HELPER; /* a server: a multiprocessing Manager */
+    if (mt_os_proc_listens(pid, ppid) == 1) {
+        return ROLE_HELPER; /* a server of its own: a multiprocessing Manager */
     }
-    if (ppid == r->root_pid || parent_forkserver ||
-        (n > 0 && strstr(cmd, "--multiprocessing-fork") != NULL)) {
+    if (ppid == r->root_pid || (n > 0 && strstr(cmd, "--multiprocessing-fork") != NULL)) {
         return ROLE_WORKER;
     }
     return ROLE_OTHER;
@@ -330,7 +340,37 @@ classify_slot(RecorderObject *r, long pid)
     if (mt_os_proc_cmdline(pid, cmd, sizeof cmd) > 0 && has_helper_command(cmd)) {
         return ROLE_HELPER;
     }
-    return mt_os_proc_listens(pid) == 1 ? ROLE_HELPER : ROLE_WORKER;
+    long ppid = 0;
+    return mt_os_proc_listens(pid, mt_os_proc_parent(pid, &ppid) == 0 ? ppid : 0) == 1
+               ? ROLE_HELPER
+               : ROLE_WORKER;
+}
+
+/* oom_kills(pid) for the Python layer (forensics.py): where the kernel counts
+ * the OOM kills of pid's memory cgroup, and how many so far; None when not
+ * readable. */
+PyObject *
+mt_oom_kills_py(PyObject *module, PyObject *arg)
+{
+    long pid = PyLong_AsLong(arg);
+    if (pid == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (pid < 0) {
+        PyErr_SetString(PyExc_ValueError, "pid must be >= 0 (0: this process)");
+        return NULL;
+    }
+    char file[256];
+    int64_t kills = -1;
+    Py_BEGIN_ALLOW_THREADS
+    if (mt_os_oom_counter_file(pid == 0 ? mt_os_pid() : pid, file, sizeof file) == 0) {
+        kills = mt_os_oom_kills(file);
+    }
+    Py_END_ALLOW_THREADS
+    if (kills < 0) {
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("(sL)", file, (long long)kills);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -437,6 +477,9 @@ sample_workers(RecorderObject *r, double now, mt_pool *pool)
             }
             int pss_state = track_pss(&seen->pss, (long)v->pid, r->pss_every * r->interval,
                                       rss, anon, &pss, &uss);
+            if (pss_state == 1) { /* now and then: it may have moved to another cgroup */
+                seen->oom = oom_counter_of(r, (long)v->pid);
+            }
             if (pss_state < 0 && v->pss != 0) {
                 pss_state = 0; /* the worker's own reading, of unknown age */
                 pss = v->pss;
@@ -618,9 +661,14 @@ sample_tree(RecorderObject *r, double now, mt_pool *pool)
         }
         else if ((p->role == ROLE_WORKER || p->role == ROLE_OTHER) &&
                  p->rounds <= ROLE_RECHECK_ROUNDS && is_power_of_two(p->rounds)) {
+            /* A process first seen between its fork and its exec (the resource
+             * tracker, the forkserver) shows what it is now. */
             int fs;
             mt_role role = classify_proc(r, pid, p->ppid, &fs);
-            p->role = role == ROLE_HELPER ? role : p->role; /* only ever to a helper */
+            if (role == ROLE_HELPER) { /* only ever to a helper */
+                p->role = role;
+                p->forkserver = fs;
+            }
         }
         p->rounds++;
         p->present = 1;
@@ -636,6 +684,9 @@ sample_tree(RecorderObject *r, double now, mt_pool *pool)
             p->pss = pss;
             p->uss = uss;
             p->have_pss = 1;
+        }
+        if (pss_state == 1) { /* now and then: it may have moved to another cgroup */
+            p->oom = oom_counter_of(r, pid);
         }
         const char *source = pid == r->root_pid ? "root" : "proc";
         /* Another process's high-water mark is its lifetime peak, not this
@@ -836,6 +887,7 @@ recorder_init(RecorderObject *self, PyObject *args, PyObject *kwds)
     self->pss_every = pss_every;
     self->root_pid = root_pid;
     self->self_role = strcmp(self_role, "tool") == 0 ? ROLE_TOOL : ROLE_ROOT;
+    self->noom = 0;
     if (mtx_init(&self->lock, mtx_plain) != thrd_success || cnd_init(&self->wake) != thrd_success) {
         PyErr_NoMemory();
         return -1;

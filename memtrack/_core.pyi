@@ -343,6 +343,11 @@ def segment_creator(name: str, /) -> tuple[int, int, bool, str | None]:
 def proc_identity(pid: int, /) -> tuple[Literal["alive", "zombie", "gone"], int]:
     """Whether `pid` runs, and its start time (clock ticks since boot, /proc/<pid>/stat)."""
 
+def oom_kills(pid: int, /) -> tuple[str, int] | None:
+    """Where the kernel counts the OOM kills of `pid`'s memory cgroup (0: this process):
+    cgroup v2 ``memory.events``, v1 ``memory.oom_control``, else ``/proc/vmstat``; and
+    the ``oom_kill`` count in it. None when none of them can be read."""
+
 def unlink_segment(name: str, /) -> None: ...
 
 # --------------------------------------------------------------------------------------
@@ -363,7 +368,9 @@ class Recorder:
     A native thread that samples every `interval` seconds (0.001 to 3600) and appends
     msgpack records (docs/format.md) to the open file descriptor `fd`, in chunks.
     ``table`` is a worker table name to sample; ``root_pid`` > 0 also samples every
-    descendant of that process through /proc; pss is read every `pss_every` samples.
+    descendant of that process through /proc; pss is read every `pss_every` samples
+    (estimated from the RSS change in between). ``self_role`` is this process's role in
+    the recording: "root" (it runs the pool) or "tool" (memtrack run: in no figure).
     """
 
     def __init__(
@@ -373,6 +380,7 @@ class Recorder:
         table: str | None = None,
         root_pid: int = 0,
         pss_every: int = 10,
+        self_role: Literal["root", "tool"] = "root",
     ) -> None: ...
     def start(self) -> None: ...
     def stop(self) -> dict[str, Any]:

@@ -140,9 +140,12 @@ int mt_os_epoll_ready(int ep, uint64_t *keys, int max); /* keys filled, or -1 */
  * sampler.c). The command line with its NULs turned into spaces: its length,
  * or -1 when the process is gone. */
 long mt_os_proc_cmdline(long pid, char *buf, size_t size);
-/* 1 when the process holds a listening Unix socket (a server: a
- * multiprocessing Manager), 0 when not, -1 when that cannot be read. */
-int mt_os_proc_listens(long pid);
+/* 1 when the process holds a listening Unix socket that `parent` (0: none)
+ * does not also hold (a server of its own: a multiprocessing Manager), 0 when
+ * not, -1 when that cannot be read. */
+int mt_os_proc_listens(long pid, long parent);
+/* Its parent's pid: 0, or -1 when the process is gone. */
+int mt_os_proc_parent(long pid, long *ppid);
 /* A zombie's exit: 1 with its code or signal (the other -1), 0 when the
  * process is not a zombie (or gone). */
 int mt_os_proc_exit_status(long pid, int *exit_code, int *exit_signal);

@@ -9,7 +9,7 @@ workers as data; :func:`explain_broken_pool` is its text.
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .._sizes import format_size
@@ -75,15 +75,26 @@ class Death:
     pid: int | None
     stats: WorkerStats | None
     error: str | None = None
+    #: The first worker to die: what broke the pool (see :func:`deaths`).
+    culprit: bool = False
+    #: Stopped by the pool after the culprit died (SIGTERM from the executor).
+    stopped_by_pool: bool = False
+    #: Killed by the kernel's OOM killer: its cgroup's OOM counter rose.
+    oom: bool = False
 
     def __str__(self) -> str:
         w = self.stats
         if w is None:
             return f"slot {self.slot}: unreadable ({self.error})"
         where = f"in phase {w.phase}" if w.phase else "between phases"
-        return (f"worker {w.pid} died {where} at {format_size(w.rss)} "
-                f"(peak {format_size(w.peak_rss)}), {describe_worker_exit(w)}; "
-                f"{w.tasks} tasks done")
+        how = ("killed by the kernel OOM killer (SIGKILL)" if self.oom
+               else describe_worker_exit(w))
+        if self.stopped_by_pool:
+            return (f"worker {w.pid} was stopped by the pool afterwards ({how}) {where}, "
+                    f"at {format_size(w.rss)}; {w.tasks} tasks done")
+        first = "first to die: " if self.culprit else ""
+        return (f"{first}worker {w.pid} died {where} at {format_size(w.rss)} "
+                f"(peak {format_size(w.peak_rss)}), {how}; {w.tasks} tasks done")
 
 
 def died(w: WorkerStats) -> bool:
@@ -92,17 +103,52 @@ def died(w: WorkerStats) -> bool:
 
 
 def deaths(table: WorkerTable) -> list[Death]:
-    """The workers of ``table`` that died and the slots that fail validation, in slot order."""
-    found = []
+    """The workers of ``table`` that died, the first to die first, then the slots that
+    fail validation.
+
+    When one worker dies, ProcessPoolExecutor (and ``Pool.terminate()``) stops the others
+    with SIGTERM: those are marked ``stopped_by_pool``, after the culprit. Among the rest
+    the first to die is the one whose slot stopped changing first (its last heartbeat or
+    phase change). A worker killed by SIGKILL (or by an unseen signal) while the OOM
+    counter of the table's cgroup rose since the table was made is marked ``oom``, one
+    per kill counted.
+    """
+    dead, corrupt = [], []
     for w in table.workers(check=True):
         if w.state == "corrupt":
-            found.append(Death(w.slot, w.pid or None, None, w.error))
+            corrupt.append(Death(w.slot, w.pid or None, None, w.error))
         elif died(w):
-            found.append(Death(w.slot, w.pid, w))
-    return found
+            dead.append(Death(w.slot, w.pid, w))
+    dead.sort(key=lambda d: (d.stats.exit_signal == signal.SIGTERM,
+                             d.stats.updated if d.stats.updated is not None else 0.0, d.slot))
+    kills = _oom_kills_since(table)
+    found = []
+    for i, d in enumerate(dead):
+        sig = d.stats.exit_signal
+        oom = kills > 0 and sig in (None, signal.SIGKILL)
+        kills -= oom
+        # A bystander was terminated: SIGTERM (what ProcessPoolExecutor and Pool send).
+        terminated = sig == signal.SIGTERM
+        found.append(replace(d, culprit=i == 0, oom=oom,
+                             stopped_by_pool=i > 0 and terminated and not oom
+                             and dead[0].stats.exit_signal != signal.SIGTERM))
+    return found + corrupt
+
+
+def _oom_kills_since(table: WorkerTable) -> int:
+    """OOM kills counted for the cgroup of the table's process since the table was made
+    (or attached): its workers are in that cgroup unless something moved them."""
+    from .table import _oom_counters
+
+    before = dict(getattr(table, "oom_baseline", None) or ())
+    for file, now in _oom_counters():
+        if file in before and now > before[file]:
+            return now - before[file]
+    return 0
 
 
 def explain_broken_pool(table: WorkerTable) -> str:
-    """What happened to the workers that died, e.g. for a ``BrokenProcessPool`` handler:
-    "worker 4711 died in phase index/parse at 1.3 GiB (peak 1.4 GiB), killed by SIGKILL"."""
+    """What happened to the workers that died, the first to die first, e.g. for a
+    ``BrokenProcessPool`` handler: "first to die: worker 4711 died in phase index/parse at
+    1.3 GiB (peak 1.4 GiB), killed by SIGKILL; ..." then the workers the pool stopped."""
     return "\n".join(map(str, deaths(table))) or NO_DEATH

@@ -81,6 +81,9 @@ class WorkerTable:
         name = f"/{_prefix()}{secrets.token_hex(12)}" if name is None else _normalise(name)
         self._segment = _core.Segment(name, capacity=capacity, heartbeat_ms=round(heartbeat * 1000))
         self._owner = True
+        #: The kernel's OOM-kill counters when the table was made (this process's cgroup's,
+        #: and the host's): forensics.deaths() tells an OOM kill from them.
+        self.oom_baseline = _oom_counters()
         self._finalizer = weakref.finalize(self, self._segment.close)
         _open_tables.append(weakref.ref(self))
 
@@ -90,6 +93,7 @@ class WorkerTable:
         table = cls.__new__(cls)
         table._segment = _core.Segment(_normalise(name))
         table._owner = False
+        table.oom_baseline = _oom_counters()
         table._finalizer = weakref.finalize(table, table._segment.close)
         return table
 
@@ -381,3 +385,10 @@ def _register_process_hooks() -> None:
         lambda _obj: _install_exit_hooks() if _core.worker_info() is not None else None,
     )
     atexit.register(_core.leave)
+
+
+def _oom_counters() -> list[tuple[str, int]]:
+    """The OOM-kill counter of this process's memory cgroup now (cgroup v2, v1, else the
+    host's /proc/vmstat when neither is readable), as [(file, kills)], or []."""
+    own = _core.oom_kills(0)
+    return [own] if own is not None else []

@@ -229,6 +229,8 @@ class PoolPoint:
     rss: int
     pss: int | None
     peak_rss: int | None = None
+    #: Some worker's PSS in this sum is estimated from its RSS change since its last reading.
+    pss_estimated: bool = False
 
 
 @dataclass
@@ -550,14 +552,18 @@ def digest(profile: Any) -> Run:
     subject_phases = _phase_rows(
         [w for w in records if roles.get(_int(w.get("pid")), "worker") == "worker"],
         profile, summary=False) if has_workers else phases
-    pool, pool_source = _pool_timeline(pools, samples, ends, roles)
+    # A process first seen between its fork and its exec (a resource tracker) counted as a
+    # worker in the pool records of its first rounds: with the final roles, recount.
+    recount = any(s["role"] is not None and s["role"] != roles.get(s["pid"]) for s in samples)
+    pool, pool_source = _pool_timeline([] if recount else pools, samples, ends, roles)
     peak, rss_peak = _pool_peaks(pool)
     tasks, task_phases, tasks_source = _task_series(events, phase_records, roles, has_workers)
     root_peak = _root_peak(pools, by_pid, roles)
     run = Run(
         header=header, kind=_str(header.get("kind")) or "unknown", t0=t0, duration=duration,
         workers=workers, phases=phases, pool=pool, pool_source=pool_source, peak=peak,
-        rss_peak=rss_peak, max_live=_max_live(pool, pools, workers, ends), roles=roles,
+        rss_peak=rss_peak, max_live=_max_live(pool, [] if recount else pools, workers, ends),
+        roles=roles,
         samples=by_pid, tasks=tasks, tasks_source=tasks_source, task_phases=task_phases,
         intervals=_intervals(by_pid, events, phase_records, rel, duration),
         main_peak=root_peak, baselines=_baselines(roles, joins, by_pid),
@@ -750,8 +756,8 @@ def _phase_rows(records, profile, *, summary: bool = True) -> list[PhaseRow]:
 
 def _pool_timeline(pools, samples, ends, roles) -> tuple[list[PoolPoint], str | None]:
     if pools:
-        return [PoolPoint(p["time"], p["live"], p["rss"], p["pss"], p["peak_rss"])
-                for p in pools], "pool records"
+        return [PoolPoint(p["time"], p["live"], p["rss"], p["pss"], p["peak_rss"],
+                          p["pss_estimated"]) for p in pools], "pool records"
     workers = [s for s in samples if roles.get(s["pid"]) == "worker"]
     if not workers:
         return [], None

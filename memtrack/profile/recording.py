@@ -118,6 +118,7 @@ class record:
             limits, cpus = _limits()
             header.update(interval=self.interval, limits=limits, cpu_limit=cpus,
                           table=table.name if table else None, command=self.command,
+                          root_pid=self.root_pid or os.getpid(),
                           started=time.monotonic())
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:

@@ -130,6 +130,17 @@ def _html_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
 def render_html(run: Run, found: list[Insight], name: str) -> str:
     h = run.header
     cards = []
+    if run.deaths:
+        # What broke the pool comes first: the first worker to die, and how.
+        first = run.deaths[0]
+        stopped = sum(d.stopped_by_pool for d in run.deaths)
+        others = len(run.deaths) - 1 - stopped
+        where = f"in {first.phase}" if first.phase else "between phases"
+        count = "1" + (f" + {others} more" if others else "") + (
+            f" + {stopped} stopped by the pool" if stopped else "")
+        cards.append(("Deaths", count,
+                      f"first: worker {first.pid} {where}, {first.description}, at "
+                      f"{format_size(first.rss)}"))
     if run.peak is not None:
         measure = "PSS" if run.peak.pss is not None else "RSS sum"
         cards.append(("Pool peak", format_size(_pool_value(run.peak)),
@@ -141,6 +152,8 @@ def render_html(run: Run, found: list[Insight], name: str) -> str:
     elif run.peak_bytes is not None:
         cards.append(("Peak", format_size(run.peak_bytes), "largest phase peak (RSS)"))
     cards.append(("Workers", str(len(run.workers)), f"{run.max_live} at most at once"))
+    if run.main_peak is not None:
+        cards.append(("Root peak", format_size(run.main_peak), "the command's PSS"))
     cards.append(("Duration", f"{run.duration:.1f} s",
                   f"{sum(len(v) for v in run.samples.values())} samples"))
     best = max(found, key=lambda i: i.estimated_savings, default=None)
@@ -171,13 +184,29 @@ def render_html(run: Run, found: list[Insight], name: str) -> str:
           format_size(r.max_peak_delta, signed=True), format_size(r.mean_rss_delta, signed=True)]
          for r in run.phases],
         [False, True, True, True, True, True, True]) if run.phases else "<p>No phases.</p>"
+    # The dead first, the first to die at the top; a bystander is marked as one.
+    death_of = {d.pid: d for d in run.deaths}
+    rank = {d.pid: i for i, d in enumerate(run.deaths)}
+    workers = sorted(run.workers, key=lambda w: rank.get(w.pid, len(rank)))
+
+    def end(w: Any) -> str:
+        d = death_of.get(w.pid)
+        cell = exit_cell(w.exit_code, w.exit_signal)
+        if d is None:
+            return cell
+        tag = ("OOM kill, first to die" if d.culprit and d.how == "oom" else
+               "first to die" if d.culprit else "stopped by the pool" if d.stopped_by_pool
+               else "died")
+        return f"{cell} ({tag})"
+
     worker_table = _html_table(
         ["pid", "state", "tasks", "RSS", "peak RSS", "USS", "PSS", "phase", "exit", "seen"],
         [[w.pid, w.state, w.tasks, format_size(w.rss), format_size(w.max_peak_rss),
-          format_size(w.uss), format_size(w.pss), w.phase, exit_cell(w.exit_code, w.exit_signal),
-          f"{seconds(w.first_seen)} - {seconds(w.last_seen)}"] for w in run.workers],
+          format_size(w.uss), format_size(w.pss), w.phase, end(w),
+          f"{seconds(w.first_seen)} - {seconds(w.last_seen)}"] for w in workers],
         [True, False, True, True, True, True, True, False, False, False],
-        ["bad" if w.state == "killed" or w.exit_signal else "" for w in run.workers],
+        ["bad" if (d := death_of.get(w.pid)) is not None and not d.stopped_by_pool
+         else "" for w in workers],
     ) if run.workers else "<p>No workers in this profile.</p>"
 
     facts = [run.kind, f"host {h.get('host', '?')}"]

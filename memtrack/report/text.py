@@ -59,6 +59,17 @@ def _main_rss_at(run: Run, time: float) -> int | None:
     return sum(values) if values else None
 
 
+def _death_line(d: Any) -> str:
+    where = f"in phase {d.phase}" if d.phase else "between phases"
+    when = f" at {d.time:.1f} s" if d.time is not None else ""
+    if d.stopped_by_pool:
+        return f"worker {d.pid} stopped by the pool afterwards{when} ({d.description})"
+    first = "first to die: " if d.culprit else ""
+    return (f"{first}worker {d.pid} died {where}{when}, {d.description}, at "
+            f"{format_size(d.rss)} (peak {format_size(d.peak_rss)})"
+            + (f"; {d.tasks} tasks done" if d.tasks is not None else ""))
+
+
 def render_text(run: Run, found: list[Insight], name: str) -> str:
     h = run.header
     out: list[str] = []
@@ -81,6 +92,12 @@ def render_text(run: Run, found: list[Insight], name: str) -> str:
         out.append(f"warning: incomplete profile ({run.truncated}); reported what it holds")
     if run.skipped:
         out.append(f"warning: {run.skipped} record(s) with missing or ill-typed fields left out")
+    if run.events_dropped:
+        out.append(f"warning: {run.events_dropped} task event(s) dropped: a worker's ring "
+                   "overflowed before the recorder read it")
+    if run.deaths:
+        out += ["", "Deaths (the first to die first)"]
+        out += [f"  {_death_line(d)}" for d in run.deaths]
 
     if run.pool:
         out += ["", f"Memory timeline (pool, from {run.pool_source})"]
@@ -90,7 +107,7 @@ def render_text(run: Run, found: list[Insight], name: str) -> str:
             rows.append([f"{p.time:.1f} s", str(p.live), format_size(p.pss),
                          format_size(p.rss), format_size(_main_rss_at(run, p.time)),
                          _phases_held(run, p.time) + mark])
-        out += _table(["time", "live", "pool PSS", "pool RSS", "main RSS", "workers' phases"],
+        out += _table(["time", "live", "pool PSS", "pool RSS", "root RSS", "workers' phases"],
                       rows, [True, True, True, True, True, False])
 
     if run.phases:
@@ -100,6 +117,13 @@ def render_text(run: Run, found: list[Insight], name: str) -> str:
                  format_size(r.mean_rss_delta, signed=True)] for r in run.phases]
         out += _table(["phase", "runs", "procs", "time", "max peak RSS", "max peak above start",
                        "mean retained"], rows, [False, True, True, True, True, True, True])
+
+    if run.processes:
+        out += ["", "Other processes (not workers: in no worker count, sizing or insight)"]
+        rows = [[str(w.pid), w.role, w.state, format_size(w.max_peak_rss), format_size(w.pss),
+                 exit_cell(w.exit_code, w.exit_signal)] for w in run.processes]
+        out += _table(["pid", "role", "state", "peak RSS", "PSS", "exit"], rows,
+                      [True, False, False, True, True, False])
 
     if run.workers:
         out += ["", "Per worker"]
@@ -116,7 +140,8 @@ def render_text(run: Run, found: list[Insight], name: str) -> str:
         p = run.peak
         if p.pss is not None:
             out.append(f"Pool peak: {format_size(p.pss)} PSS (shared pages counted once) at "
-                       f"{p.time:.1f} s with {p.live} workers (RSS sum {format_size(p.rss)})")
+                       f"{p.time:.1f} s with {p.live} workers (RSS sum {format_size(p.rss)})"
+                       + (", PSS estimated since its last reading" if p.pss_estimated else ""))
         else:
             out.append(f"Pool peak: {format_size(p.rss)} RSS sum (PSS not recorded) at "
                        f"{p.time:.1f} s with {p.live} workers")
@@ -131,7 +156,8 @@ def render_text(run: Run, found: list[Insight], name: str) -> str:
     elif run.peak_bytes is not None:
         out.append(f"Peak: {format_size(run.peak_bytes)} RSS (no pool timeline in this profile)")
     if run.main_peak is not None:
-        out.append(f"Main process peak: {format_size(run.main_peak)}")
+        out.append(f"Root process peak: {format_size(run.main_peak)} PSS (the command; "
+                   "memtrack's own process is not in any figure)")
 
     out += ["", "Insights"]
     if not found:

@@ -969,18 +969,14 @@ listening_inodes(long pid, unsigned long *out, size_t max)
     return n;
 }
 
-int
-mt_os_proc_listens(long pid)
+/* Whether `pid` has a descriptor on one of these socket inodes. */
+static int
+holds_socket(long pid, const unsigned long *inodes, size_t count, unsigned long *which)
 {
-    unsigned long inodes[256];
-    size_t count = listening_inodes(pid, inodes, sizeof inodes / sizeof *inodes);
-    int found = 0;
     char path[64];
     snprintf(path, sizeof path, "/proc/%ld/fd", pid);
-    DIR *d = count ? opendir(path) : NULL;
-    if (count == 0) {
-        return 0;
-    }
+    DIR *d = opendir(path);
+    int found = 0;
     if (d == NULL) {
         return -1;
     }
@@ -1003,9 +999,54 @@ mt_os_proc_listens(long pid)
         for (size_t i = 0; i < count && !found; i++) {
             found = inodes[i] == inode;
         }
+        if (found && which != NULL) {
+            *which = inode;
+        }
     }
     closedir(d);
     return found;
+}
+
+int
+mt_os_proc_listens(long pid, long parent)
+{
+    unsigned long inodes[256];
+    size_t count = listening_inodes(pid, inodes, sizeof inodes / sizeof *inodes);
+    /* One at a time: a socket the parent holds too was inherited (a child
+     * between fork and exec, a forkserver's child), not the process's own. */
+    while (count > 0) {
+        unsigned long inode = 0;
+        int held = holds_socket(pid, inodes, count, &inode);
+        if (held <= 0) {
+            return held;
+        }
+        if (parent <= 0 || holds_socket(parent, &inode, 1, NULL) != 1) {
+            return 1;
+        }
+        for (size_t i = 0; i < count; i++) {
+            if (inodes[i] == inode) {
+                inodes[i] = inodes[--count];
+                break;
+            }
+        }
+    }
+    return 0;
+}
+
+int
+mt_os_proc_parent(long pid, long *ppid)
+{
+    char path[64], buf[2048];
+    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    if (read_small(path, buf, sizeof buf) <= 0) {
+        return -1;
+    }
+    char *p = strrchr(buf, ')'); /* "pid (comm) S ppid ...": comm may hold anything */
+    char state;
+    if (p == NULL || sscanf(p + 1, " %c %ld", &state, ppid) != 2) {
+        return -1;
+    }
+    return 0;
 }
 
 int
