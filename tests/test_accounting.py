@@ -243,12 +243,15 @@ OOM_POOL = textwrap.dedent("""
         ex = ProcessPoolExecutor(2, mp_context=mp.get_context("fork"),
                                  initializer=memtrack.init_worker, initargs=(table.name,))
         futures = [ex.submit(work, i) for i in range(2)]
+        processes = dict(ex._processes)
         try:
             for f in futures:
                 f.result(timeout=60)
         except BrokenProcessPool:
             pass
         ex.shutdown(wait=True)
+        for pid, process in processes.items():  # how each ended, as the pool saw it
+            table.record_exit(pid, process.exitcode)
         found = forensics.deaths(table)
         print("culprit-oom" if found and found[0].culprit and found[0].oom else "no-oom")
         print(memtrack.explain_broken_pool(table))
