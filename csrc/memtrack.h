@@ -172,6 +172,16 @@ typedef struct {
     int has_exit_code, has_exit_signal;
     int32_t exit_code, exit_signal;
     char phase[256]; /* valid UTF-8: invalid bytes became U+FFFD (cut to fit) */
+    int role;        /* as the process declared it in its slot: 0 worker (table/layout.h) */
+    /* The slot's ring of recent task ends (outermost phase ends), oldest
+     * first: ends[0..nends) are the last nends of ends_written. */
+    uint64_t ends_written;
+    uint32_t nends;
+    struct {
+        double time;
+        uint64_t retained, peak_rss;
+        char path[104]; /* its phase path, "" when not in the slot's summary */
+    } ends[16];
 } mt_worker_view;
 
 /* NULL on failure: *why says what is wrong with the table (a static

@@ -56,7 +56,8 @@ typedef struct {
 typedef struct {
     int64_t pid; /* 0: nothing seen */
     const char *state;
-    uint64_t tasks;
+    uint64_t ends_read;    /* task ends of its ring already written as events */
+    uint64_t ends_dropped; /* task ends the ring overwrote before we read them */
     char phase[256];
     mt_role role;
     uint64_t rounds;
@@ -329,6 +330,25 @@ classify_proc(RecorderObject *r, long pid, long ppid, int *forkserver)
     return ROLE_OTHER;
 }
 
+/* The role a process wrote in its slot (table/layout.h numbers its roles
+ * differently): a worker unless it said otherwise. */
+static mt_role
+declared_role(int role)
+{
+    switch (role) {
+    case 1:
+        return ROLE_TOOL;
+    case 2:
+        return ROLE_ROOT;
+    case 3:
+        return ROLE_HELPER;
+    case 4:
+        return ROLE_OTHER;
+    default:
+        return ROLE_WORKER;
+    }
+}
+
 /* The role of a memtrack-aware process in a slot. */
 static mt_role
 classify_slot(RecorderObject *r, long pid)
@@ -439,6 +459,47 @@ sample_self(RecorderObject *r, double now, mt_pool *pool)
                        uss, phase);
 }
 
+/* Every task end in the slot's ring since the previous round, as a task
+ * event (none is lost to the sampling interval); ends the ring overwrote
+ * before this round are counted in a "dropped" event. */
+static int
+drain_ends(RecorderObject *r, mt_seen_slot *seen, const mt_worker_view *v)
+{
+    int rc = 0;
+    if (v->ends_written <= seen->ends_read) {
+        seen->ends_read = v->ends_written; /* a slot reused by the same pid starts again */
+        return 0;
+    }
+    uint64_t fresh = v->ends_written - seen->ends_read;
+    if (fresh > v->nends) {
+        uint64_t lost = fresh - v->nends;
+        seen->ends_dropped += lost;
+        rc |= mt_pack_map(r->pk, 6);
+        rc |= mt_pack_key(r->pk, "t") | mt_pack_key(r->pk, "event");
+        rc |= mt_pack_key(r->pk, "time") | mt_pack_double(r->pk, v->ends[0].time);
+        rc |= mt_pack_key(r->pk, "kind") | mt_pack_key(r->pk, "dropped");
+        rc |= mt_pack_key(r->pk, "pid") | mt_pack_i64(r->pk, (long)v->pid);
+        rc |= mt_pack_key(r->pk, "slot") | mt_pack_u64(r->pk, v->slot);
+        rc |= mt_pack_key(r->pk, "count") | mt_pack_u64(r->pk, lost);
+        fresh = v->nends;
+    }
+    for (uint32_t k = v->nends - (uint32_t)fresh; k < v->nends; k++) {
+        uint64_t number = v->ends_written - (v->nends - 1 - k); /* 1 for the first task */
+        rc |= mt_pack_map(r->pk, 9);
+        rc |= mt_pack_key(r->pk, "t") | mt_pack_key(r->pk, "event");
+        rc |= mt_pack_key(r->pk, "time") | mt_pack_double(r->pk, v->ends[k].time);
+        rc |= mt_pack_key(r->pk, "kind") | mt_pack_key(r->pk, "task");
+        rc |= mt_pack_key(r->pk, "pid") | mt_pack_i64(r->pk, (long)v->pid);
+        rc |= mt_pack_key(r->pk, "slot") | mt_pack_u64(r->pk, v->slot);
+        rc |= mt_pack_key(r->pk, "retained") | mt_pack_u64(r->pk, v->ends[k].retained);
+        rc |= mt_pack_key(r->pk, "peak_rss") | mt_pack_u64(r->pk, v->ends[k].peak_rss);
+        rc |= mt_pack_key(r->pk, "phase") | pack_str_or_nil(r->pk, v->ends[k].path);
+        rc |= mt_pack_key(r->pk, "tasks") | mt_pack_u64(r->pk, number);
+    }
+    seen->ends_read = v->ends_written;
+    return rc;
+}
+
 static int
 sample_workers(RecorderObject *r, double now, mt_pool *pool)
 {
@@ -458,7 +519,10 @@ sample_workers(RecorderObject *r, double now, mt_pool *pool)
         if (seen->pid != v->pid) { /* a new owner */
             memset(seen, 0, sizeof *seen);
             seen->pid = v->pid;
-            seen->role = classify_slot(r, (long)v->pid);
+            seen->role = declared_role(v->role);
+            if (seen->role == ROLE_WORKER) {
+                seen->role = classify_slot(r, (long)v->pid);
+            }
             seen->oom = oom_counter_of(r, (long)v->pid);
             rc |= pack_event(r->pk, v->joined, "join", v, (long)v->pid, seen->role, v->phase,
                              v->rss, v->peak_rss, 0);
@@ -490,17 +554,7 @@ sample_workers(RecorderObject *r, double now, mt_pool *pool)
                               pss_state, pss, uss, v->phase);
             add_to_pool(pool, seen->role, rss, peak, pss_state, pss);
         }
-        if (v->tasks > seen->tasks) {
-            rc |= mt_pack_map(r->pk, 7);
-            rc |= mt_pack_key(r->pk, "t") | mt_pack_key(r->pk, "event");
-            rc |= mt_pack_key(r->pk, "time") | mt_pack_double(r->pk, v->last_task_time);
-            rc |= mt_pack_key(r->pk, "kind") | mt_pack_key(r->pk, "task");
-            rc |= mt_pack_key(r->pk, "pid") | mt_pack_i64(r->pk, (long)v->pid);
-            rc |= mt_pack_key(r->pk, "slot") | mt_pack_u64(r->pk, v->slot);
-            rc |= mt_pack_key(r->pk, "retained") | mt_pack_u64(r->pk, v->last_task_rss);
-            rc |= mt_pack_key(r->pk, "tasks") | mt_pack_u64(r->pk, v->tasks);
-            seen->tasks = v->tasks;
-        }
+        rc |= drain_ends(r, seen, v);
         if (strcmp(seen->phase, v->phase) != 0) {
             rc |= pack_event(r->pk, now, "phase", v, (long)v->pid, seen->role, v->phase, v->rss,
                              v->peak_rss, 0);

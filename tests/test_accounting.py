@@ -7,6 +7,7 @@ stopped afterwards; a kernel OOM kill is reported as one.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -17,7 +18,6 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-import multiprocessing as mp
 import pytest
 
 import memtrack
@@ -282,3 +282,100 @@ def test_a_kernel_oom_kill_is_reported_as_one(tmp_path):
     assert first.startswith("first to die: worker ") and "in phase hog" in first
     assert "kernel OOM killer" in first
     assert rest and all("stopped by the pool afterwards" in line for line in rest), proc.stdout
+
+
+# --------------------------------------------------------------------------- task events
+
+
+_kept: list[bytearray] = []
+
+
+def _keep_4_mib(i: int) -> int:
+    """A short task that keeps 4 MiB for good: a leak of 4 MiB per task."""
+    import time
+
+    with memtrack.phase("task"):
+        block = bytearray(4 * MiB)
+        for j in range(0, len(block), 4096):
+            block[j] = 1
+        _kept.append(block)
+        time.sleep(0.005)
+    return i
+
+
+def _tiny(i: int) -> int:
+    with memtrack.phase("tiny"):
+        pass
+    return i
+
+
+def _recorded_pool(tmp_path: Path, method: str, task, n: int, interval: float = 0.05):
+    path = tmp_path / "pool.mtp"
+    with memtrack.WorkerTable(capacity=8) as table:
+        with memtrack.record(path, interval=interval, table=table):
+            with ProcessPoolExecutor(2, mp_context=mp.get_context(method),
+                                     initializer=memtrack.init_worker,
+                                     initargs=(table.name,)) as ex:
+                assert sorted(ex.map(task, range(n))) == list(range(n))
+    return memtrack.load(path)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_task_reaches_the_profile_and_a_40_task_leak_is_found(tmp_path, method):
+    profile = _recorded_pool(tmp_path, method, _keep_4_mib, 40)
+    tasks = [e for e in profile.events if e["kind"] == "task"]
+    dropped = sum(e["count"] for e in profile.events if e["kind"] == "dropped")
+    assert len(tasks) + dropped == 40 and dropped == 0
+    assert {e["phase"] for e in tasks} == {"task"}
+    # Each worker's task numbers run 1, 2, 3, ... without a gap.
+    for pid in {e["pid"] for e in tasks}:
+        numbers = [e["tasks"] for e in tasks if e["pid"] == pid]
+        assert numbers == list(range(1, len(numbers) + 1))
+    leak = [i for i in insights(profile) if i.kind == "leak"]
+    assert leak, [i.title for i in insights(profile)]
+    assert leak[0].title.startswith("Leak in 'task'")
+    for w in leak[0].evidence["workers"]:
+        assert w["slope_per_task"] == pytest.approx(4 * MiB, rel=0.1)
+
+
+def test_a_ring_that_overflowed_says_how_many_task_events_were_dropped(tmp_path):
+    # 300 empty tasks between two rounds half a second apart: more than a ring holds.
+    profile = _recorded_pool(tmp_path, "fork", _tiny, 300, interval=0.5)
+    tasks = [e for e in profile.events if e["kind"] == "task"]
+    dropped = sum(e["count"] for e in profile.events if e["kind"] == "dropped")
+    assert dropped > 0 and len(tasks) + dropped == 300
+    run = digest(profile)
+    assert run.events_dropped == dropped
+    from memtrack.report import render
+
+    assert f"{dropped} task event(s) dropped" in render(profile, "text")
+
+
+def test_reports_put_the_first_worker_to_die_first_with_a_deaths_card():
+    import synthetic_profiles as sp
+
+    from memtrack.report import render
+
+    records = [sp.header("recording")]
+    for slot, pid in enumerate((301, 302, 303)):
+        records.append({"t": "event", "time": sp.T0, "kind": "join", "pid": pid, "slot": slot,
+                        "rss": 30 * MiB, "role": "worker"})
+    for pid, t, sig, oom in ((303, 2.05, 15, False), (302, 2.0, 9, True), (301, 2.05, 15, False)):
+        records.append({"t": "event", "time": sp.T0 + t, "kind": "death", "pid": pid,
+                        "phase": "parse", "rss": 900 * MiB if pid == 302 else 40 * MiB,
+                        "peak_rss": 950 * MiB if pid == 302 else 40 * MiB, "exit_signal": sig,
+                        "state": "killed", "oom": oom, "role": "worker"})
+    profile = sp.load(records)
+    text = render(profile, "text")
+    deaths = text[text.index("Deaths (the first to die first)"):].splitlines()[1:4]
+    assert deaths[0].strip().startswith("first to die: worker 302 died in phase parse")
+    assert "OOM killer" in deaths[0]
+    assert all("stopped by the pool afterwards" in line for line in deaths[1:])
+    page = render(profile, "html")
+    cards = page[page.index('class="card"'):]
+    assert cards.index("Deaths") < cards.index("Workers")
+    assert "first: worker 302 in parse, killed by the kernel OOM killer" in page
+    table = page[page.index(">USS</th>"):]  # the worker table: the dead first, 302 on top
+    assert table.index(">302<") < table.index(">303<") < table.index(">301<") or \
+        table.index(">302<") < table.index(">301<") < table.index(">303<")
+    assert "(OOM kill, first to die)" in table and "(stopped by the pool)" in table

@@ -15,6 +15,9 @@
  */
 #include "table.h"
 
+_Static_assert(SLOT_ENDS == 16 && SUMMARY_PATH == 104,
+               "mt_worker_view.ends (memtrack.h) mirrors the slot's ring of task ends");
+
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -812,6 +815,22 @@ mt_reader_view(mt_reader *r, uint32_t i, mt_worker_view *v)
     v->exit_code = c->exit_code;
     v->exit_signal = c->exit_signal;
     utf8_clean(v->phase, sizeof v->phase, c->phase);
+    v->role = c->role;
+    v->ends_written = c->ends_written;
+    v->nends = (uint32_t)(c->ends_written < SLOT_ENDS ? c->ends_written : SLOT_ENDS);
+    for (uint32_t k = 0; k < v->nends; k++) {
+        const mt_slot_end *e = &c->ends[(c->ends_written - v->nends + k) % SLOT_ENDS];
+        v->ends[k].time = e->time;
+        v->ends[k].retained = e->retained;
+        v->ends[k].peak_rss = e->peak_rss;
+        v->ends[k].path[0] = '\0';
+        for (uint32_t j = 0; j < c->nphases; j++) {
+            if (c->phases[j].path_hash == e->path_hash) {
+                utf8_clean(v->ends[k].path, sizeof v->ends[k].path, c->phases[j].path);
+                break;
+            }
+        }
+    }
     return 0;
 }
 

@@ -28,6 +28,7 @@ from ..limits import cpu_limit
 from ..pool.table import WorkerTable, init_worker
 from ..profile.recording import record
 from ..sizing import plan_workers
+from ._status import StatusRegion
 from .top import render_frame
 
 BATCH = 16
@@ -136,19 +137,18 @@ def _progress(done: int, total: int, width: int = 30) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} files"
 
 
+def _frame(table: WorkerTable, counts: dict[str, int], tty: bool) -> str:
+    bar = _progress(counts["done"], counts["total"])
+    if tty:
+        return render_frame(table, width=shutil.get_terminal_size().columns) + "\n\n" + bar
+    t = table.totals()
+    return f"{bar}  pool pss {format_size(t.pss)}, {t.live} workers"
+
+
 def _live_view(table: WorkerTable, counts: dict[str, int], stop: threading.Event,
-               tty: bool) -> None:
-    last_line = 0.0
+               region: StatusRegion) -> None:
     while not stop.wait(0.5):
-        bar = _progress(counts["done"], counts["total"])
-        if tty:
-            frame = render_frame(table, width=shutil.get_terminal_size().columns)
-            sys.stderr.write("\x1b[H\x1b[2J" + frame + "\n\n" + bar + "\n")
-        elif time.monotonic() - last_line >= 5:
-            last_line = time.monotonic()
-            t = table.totals()
-            sys.stderr.write(f"{bar}  pool pss {format_size(t.pss)}, {t.live} workers\n")
-        sys.stderr.flush()
+        region.update(_frame(table, counts, region.tty))
 
 
 def run_demo(workers: int | None = None, source: str | None = None, out: str = "memtrack-demo",
@@ -171,14 +171,14 @@ def run_demo(workers: int | None = None, source: str | None = None, out: str = "
     counts = {"done": 0, "total": len(files)}
     totals: Counter[str] = Counter()
     calls: Counter[str] = Counter()
-    tty = sys.stderr.isatty() and not quiet
     started = time.monotonic()
     with WorkerTable(capacity=max(8, workers * 2), heartbeat=0.05) as table:
         with record(profile_path, table=table, command=["memtrack", "demo"]):
             stop = threading.Event()
             view = None
+            region = StatusRegion(sys.stderr)
             if not quiet:
-                view = threading.Thread(target=_live_view, args=(table, counts, stop, tty),
+                view = threading.Thread(target=_live_view, args=(table, counts, stop, region),
                                         daemon=True)
                 view.start()
             try:
@@ -196,8 +196,8 @@ def run_demo(workers: int | None = None, source: str | None = None, out: str = "
                 stop.set()
                 if view is not None:
                     view.join()
-                if tty:
-                    sys.stderr.write("\x1b[H\x1b[2J")
+                    # The last frame shows where it ended: every file, 100%, when it did.
+                    region.close(_frame(table, counts, region.tty))
             plan = plan_workers(table=table)
     elapsed = time.monotonic() - started
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import time
 from .._sizes import format_size
 from ..pool.table import WorkerTable
 from ..profile.recording import default_interval, record
+from ._status import StatusRegion
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,20 +41,19 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the command and its arguments, after --")
 
 
-def _status_line(rec: record, started: float) -> str:
+def _status_line(rec: record, started: float, *, final: bool = False) -> str:
     s = rec.live_status()
-    return (f"[memtrack] {time.monotonic() - started:6.1f}s  {s.get('live', 0)} procs  "
-            f"rss {format_size(s.get('pool_rss', 0))}  pss {format_size(s.get('pool_pss', 0))}  "
-            f"pool peak {format_size(s.get('max_pool_pss', 0))}")
+    state = "done" if final else f"{s.get('live', 0)} workers"
+    return (f"[memtrack] {time.monotonic() - started:6.1f}s  {state}  "
+            f"pool pss {format_size(s.get('pool_pss', 0))}  "
+            f"pool peak {format_size(s.get('max_pool_pss', 0))}  "
+            f"root peak {format_size(s.get('max_root_pss', 0))}")
 
 
-def _show_status(rec: record, started: float, done: threading.Event) -> None:
-    width = shutil.get_terminal_size().columns
+def _show_status(rec: record, started: float, done: threading.Event,
+                 region: StatusRegion) -> None:
     while not done.wait(0.5):
-        sys.stderr.write("\r" + _status_line(rec, started)[: width - 1].ljust(width - 1))
-        sys.stderr.flush()
-    sys.stderr.write("\r" + " " * (width - 1) + "\r")
-    sys.stderr.flush()
+        region.update(_status_line(rec, started))
 
 
 def _exit_code(returncode: int) -> int:
@@ -98,9 +97,10 @@ def run_command(command: list[str], output: str, *, interval: float | None = Non
             rec.root_pid = child.pid
             rec.start()
             started = time.monotonic()
-            if not quiet and sys.stderr.isatty():
-                status = threading.Thread(target=_show_status, args=(rec, started, done),
-                                          daemon=True)
+            region = StatusRegion(sys.stderr)
+            if not quiet:
+                status = threading.Thread(target=_show_status,
+                                          args=(rec, started, done, region), daemon=True)
                 status.start()
             while True:
                 try:
@@ -122,6 +122,8 @@ def run_command(command: list[str], output: str, *, interval: float | None = Non
             if status is not None:
                 status.join()
             rec.stop()
+            if status is not None:
+                region.close(_status_line(rec, started, final=True))
             if server is not None:
                 server.close()
     if not quiet:

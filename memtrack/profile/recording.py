@@ -50,7 +50,8 @@ def _limits() -> tuple[dict[str, Any], int]:
 
 def _worker_record(w: _core.WorkerStats, role: str | None = None) -> dict[str, Any]:
     return {
-        "t": "worker", "source": "table", "role": role or "worker", "pid": w.pid, "slot": w.slot, "state": w.state, "tasks": w.tasks,
+        "t": "worker", "source": "table", "role": role or "worker", "pid": w.pid,
+        "slot": w.slot, "state": w.state, "tasks": w.tasks,
         "rss": w.rss, "peak_rss": w.peak_rss, "uss": w.uss, "pss": w.pss, "phase": w.phase,
         "exit_code": w.exit_code, "exit_signal": w.exit_signal, "joined": w.joined,
         "updated": w.updated, "error": w.error,
