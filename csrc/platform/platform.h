@@ -138,7 +138,7 @@ void mt_os_epoll_del(int ep, int fd);
 int mt_os_epoll_ready(int ep, uint64_t *keys, int max); /* keys filled, or -1 */
 /* What a process is (memtrack run decides its role from these; see
  * sampler.c). The command line with its NULs turned into spaces: its length,
- * or -1 when the process is gone. */
+ * or -1 when the process is gone (or the platform cannot read it). */
 long mt_os_proc_cmdline(long pid, char *buf, size_t size);
 /* 1 when the process holds a listening Unix socket that `parent` (0: none)
  * does not also hold (a server of its own: a multiprocessing Manager), 0 when

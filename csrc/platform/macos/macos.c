@@ -472,9 +472,9 @@ mt_os_hwm(uint64_t *hwm, mt_oserr *e)
 }
 
 int
-mt_os_hwm_exact(uint64_t *hwm, mt_oserr *e)
+mt_os_hwm_exact(uint64_t *hwm, uint64_t *rss, mt_oserr *e)
 {
-    return mt_os_hwm(hwm, e);
+    return (mt_os_hwm(hwm, e) < 0 || mt_os_rss(rss, e) < 0) ? -1 : 0;
 }
 
 int
@@ -561,9 +561,10 @@ mt_os_footprint_of(long pid, mt_footprint *fp, mt_oserr *e)
 /* Another process's peak: ri_lifetime_max_phys_footprint (the footprint's
  * mark, not the resident one's, which libproc does not give). */
 int
-mt_os_proc_memory(long pid, uint64_t *rss, uint64_t *hwm)
+mt_os_proc_memory(long pid, uint64_t *rss, uint64_t *hwm, uint64_t *anon)
 {
     struct rusage_info_v4 ri;
+    *anon = 0; /* libproc does not split the resident size by kind */
     if (proc_pid_rusage((pid_t)pid, RUSAGE_INFO_V4, (rusage_info_t *)&ri) != 0) {
         return -1;
     }
@@ -572,6 +573,18 @@ mt_os_proc_memory(long pid, uint64_t *rss, uint64_t *hwm)
     if (*hwm < *rss) {
         *hwm = *rss;
     }
+    return 0;
+}
+
+int
+mt_os_proc_parent(long pid, long *ppid)
+{
+    struct proc_bsdinfo info;
+    if (proc_pidinfo((pid_t)pid, PROC_PIDTBSDINFO, 0, &info, (int)sizeof info) !=
+        (int)sizeof info) {
+        return -1;
+    }
+    *ppid = (long)info.pbi_ppid;
     return 0;
 }
 
@@ -690,5 +703,53 @@ mt_os_epoll_ready(int ep, uint64_t *keys, int max)
 }
 
 #endif /* __APPLE__ */
+
+/* What a process runs, what it listens on, a zombie's status and the OOM
+ * killer's counters are read from Linux's /proc and cgroups; this port does
+ * not read them (macOS has jetsam, not an OOM-kill counter), so the recorder
+ * decides roles from the parent relation alone (docs/report.md, "Roles"). */
+long
+mt_os_proc_cmdline(long pid, char *buf, size_t size)
+{
+    (void)pid;
+    if (size > 0) {
+        buf[0] = '\0';
+    }
+    return -1;
+}
+
+int
+mt_os_proc_listens(long pid, long parent)
+{
+    (void)pid;
+    (void)parent;
+    return -1;
+}
+
+int
+mt_os_proc_exit_status(long pid, int *exit_code, int *exit_signal)
+{
+    (void)pid;
+    (void)exit_code;
+    (void)exit_signal;
+    return 0;
+}
+
+int
+mt_os_oom_counter_file(long pid, char *file, size_t size)
+{
+    (void)pid;
+    if (size > 0) {
+        file[0] = '\0';
+    }
+    return -1;
+}
+
+int64_t
+mt_os_oom_kills(const char *file)
+{
+    (void)file;
+    return -1;
+}
 
 #endif /* __APPLE__ || MT_MACOS_SYNTAX_CHECK */

@@ -230,9 +230,9 @@ mt_os_hwm(uint64_t *hwm, mt_oserr *e)
 }
 
 int
-mt_os_hwm_exact(uint64_t *hwm, mt_oserr *e)
+mt_os_hwm_exact(uint64_t *hwm, uint64_t *rss, mt_oserr *e)
 {
-    return mt_os_hwm(hwm, e);
+    return (mt_os_hwm(hwm, e) < 0 || mt_os_rss(rss, e) < 0) ? -1 : 0;
 }
 
 /* EmptyWorkingSet or SetProcessWorkingSetSize(-1, -1) trim the working set
@@ -1044,9 +1044,10 @@ mt_os_footprint_of(long pid, mt_footprint *fp, mt_oserr *e)
 }
 
 int
-mt_os_proc_memory(long pid, uint64_t *rss, uint64_t *hwm)
+mt_os_proc_memory(long pid, uint64_t *rss, uint64_t *hwm, uint64_t *anon)
 {
     PROCESS_MEMORY_COUNTERS_EX c;
+    *anon = 0; /* the working set is not split by kind here */
     HANDLE h = OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION | SYNCHRONIZE, FALSE, (DWORD)pid);
     int rc = -1;
     if (h == NULL) {
@@ -1105,6 +1106,76 @@ mt_os_children(long pid, long *out, size_t *n, size_t max)
     }
     CloseHandle(snap);
     return 0;
+}
+
+int
+mt_os_proc_parent(long pid, long *ppid)
+{
+    PROCESSENTRY32W entry;
+    int rc = -1;
+    HANDLE snap = CreateToolhelp32Snapshot(TH32CS_SNAPPROCESS, 0);
+    if (snap == INVALID_HANDLE_VALUE) {
+        return -1;
+    }
+    entry.dwSize = sizeof entry;
+    for (BOOL more = Process32FirstW(snap, &entry); more; more = Process32NextW(snap, &entry)) {
+        if (entry.th32ProcessID == (DWORD)pid) {
+            *ppid = (long)entry.th32ParentProcessID;
+            rc = 0;
+            break;
+        }
+    }
+    CloseHandle(snap);
+    return rc;
+}
+
+/* What a process runs, what it listens on, a zombie's status and the OOM
+ * killer's counters are Linux's (/proc, cgroups): Windows has no zombies and
+ * no OOM killer, and another process's command line is in its PEB, which this
+ * port does not read. The recorder then decides roles from the parent
+ * relation alone (docs/report.md, "Roles"). */
+long
+mt_os_proc_cmdline(long pid, char *buf, size_t size)
+{
+    (void)pid;
+    if (size > 0) {
+        buf[0] = '\0';
+    }
+    return -1;
+}
+
+int
+mt_os_proc_listens(long pid, long parent)
+{
+    (void)pid;
+    (void)parent;
+    return -1;
+}
+
+int
+mt_os_proc_exit_status(long pid, int *exit_code, int *exit_signal)
+{
+    (void)pid;
+    (void)exit_code;
+    (void)exit_signal;
+    return 0;
+}
+
+int
+mt_os_oom_counter_file(long pid, char *file, size_t size)
+{
+    (void)pid;
+    if (size > 0) {
+        file[0] = '\0';
+    }
+    return -1;
+}
+
+int64_t
+mt_os_oom_kills(const char *file)
+{
+    (void)file;
+    return -1;
 }
 
 /* The UCRT calls its "invalid parameter" handler for a bad descriptor,

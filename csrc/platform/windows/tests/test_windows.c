@@ -75,7 +75,7 @@ test_readings_move_when_memory_is_touched(void)
     CHECK(rss1 >= rss0 + 60u * MiB);
     CHECK(mt_os_hwm(&hwm1, &e) == 0);
     CHECK(hwm1 >= rss1);
-    CHECK(mt_os_hwm_exact(&hwm2, &e) == 0 && hwm2 == hwm1);
+    CHECK(mt_os_hwm_exact(&hwm2, &rss2, &e) == 0 && hwm2 == hwm1 && rss2 > 0);
     CHECK(mt_os_sample(&s, &e) == 0);
     CHECK(s.rss >= rss0 + 60u * MiB && s.peak_rss >= s.rss);
     CHECK(s.vms >= s.rss);
@@ -315,13 +315,15 @@ test_segment_shared_with_a_second_process_and_its_liveness(void)
     CHECK(wait_for(&t->child_attached, 30.0) == 1);
 
     /* While the child runs. */
-    uint64_t start = 0, start_again = 0, rss = 0, hwm = 0;
+    uint64_t start = 0, start_again = 0, rss = 0, hwm = 0, anon = 0;
+    long parent = 0;
     mt_footprint fp;
     long kids[64];
     size_t nkids = 0;
     CHECK(mt_os_proc_identity(pid, &start) == MT_PROC_ALIVE && start != 0);
     CHECK(mt_os_pid_exists(pid) == 1);
-    CHECK(mt_os_proc_memory(pid, &rss, &hwm) == 0 && rss > 0 && hwm >= rss);
+    CHECK(mt_os_proc_memory(pid, &rss, &hwm, &anon) == 0 && rss > 0 && hwm >= rss);
+    CHECK(mt_os_proc_parent(pid, &parent) == 0 && parent == mt_os_pid());
     /* The child read the whole segment: those pages are in its working
      * set, and in ours, and shared between the two where the platform
      * counts sharers (see test_what_the_platform_lacks_is_said). */
@@ -371,7 +373,7 @@ test_segment_shared_with_a_second_process_and_its_liveness(void)
     mt_os_close(ep);
     mt_os_close(other);
     CHECK(mt_os_child_status(pid, &code, &sig) == 1 && code == 7 && sig == 0);
-    CHECK(mt_os_proc_memory(pid, &rss, &hwm) == -1);
+    CHECK(mt_os_proc_memory(pid, &rss, &hwm, &anon) == -1);
     mt_os_close(fd);
     CloseHandle(child);
     /* Every handle closed: the process object and its pid go (wine's
