@@ -223,6 +223,7 @@ PyObject *mt_worker_leave(PyObject *module, PyObject *unused);
 PyObject *mt_worker_task_done(PyObject *module, PyObject *unused);
 PyObject *mt_worker_info(PyObject *module, PyObject *unused);
 PyObject *mt_worker_set_heartbeat(PyObject *module, PyObject *seconds);
+PyObject *mt_worker_set_role(PyObject *module, PyObject *role);
 PyObject *mt_segment_creator(PyObject *module, PyObject *name);
 PyObject *mt_proc_identity(PyObject *module, PyObject *pid);
 PyObject *mt_unlink_segment(PyObject *module, PyObject *name);

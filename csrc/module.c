@@ -242,6 +242,7 @@ static PyMethodDef module_methods[] = {
     {"task_done", mt_worker_task_done, METH_NOARGS, "task_done(): count a task."},
     {"worker_info", mt_worker_info, METH_NOARGS, "worker_info() -> (name, slot) or None."},
     {"set_heartbeat", mt_worker_set_heartbeat, METH_O, "set_heartbeat(seconds); 0 disables."},
+    {"set_role", mt_worker_set_role, METH_O, "set_role(role) -> bool: this process's role."},
     {"segment_creator", mt_segment_creator, METH_O, "segment_creator(name) -> (pid, start, same_namespace, damage)."},
     {"proc_identity", mt_proc_identity, METH_O, "proc_identity(pid) -> (state, start_time)."},
     {"oom_kills", mt_oom_kills_py, METH_O,

@@ -306,6 +306,8 @@ def worker_info() -> tuple[str, int] | None:
     """(table name, slot index) when joined, else None."""
 
 def set_heartbeat(seconds: float, /) -> None: ...
+def set_role(role: Literal["worker", "tool", "root", "helper", "other"], /) -> bool:
+    """Write this process's role into its slot; False when it holds none."""
 
 # --------------------------------------------------------------------------------------
 # The worker table: the reader side

@@ -416,6 +416,25 @@ def test_views_are_reused_while_a_slot_is_unchanged_and_carry_the_task_ring():
         assert c is not w and c.state == "killed"  # its death changed what it shows
 
 
+def test_a_process_says_its_role_in_its_slot():
+    with memtrack.WorkerTable(capacity=2) as table:
+        p = joined_worker(table, "from memtrack.pool.table import set_role\n"
+                                 "assert set_role('helper')\n" + READY + "time.sleep(60)")
+        try:
+            (w,) = table.workers()
+            assert w.role == "helper"
+            poke(table, [(slot_at(w.slot, 152), b"\x09"), (slot_at(w.slot, SEQ), bump(table, w))])
+            (w,) = table.workers()
+            assert w.state == "corrupt" and "field role" in w.error
+        finally:
+            stop(p)
+    from memtrack.pool.table import set_role
+
+    assert set_role("tool") is False  # this process holds no slot
+    with pytest.raises(ValueError, match="role must be"):
+        set_role("boss")
+
+
 def test_random_slot_bytes_never_crash_and_never_show_an_impossible_number():
     rng = random.Random(20261203)
     bound = 1 << 62

@@ -548,3 +548,36 @@ mt_worker_set_heartbeat(PyObject *module, PyObject *arg)
     mtx_unlock(&mt_phase_lock);
     Py_RETURN_NONE;
 }
+
+/* set_role(role) -> bool: say what this process is to the pool ("worker",
+ * "tool", "root", "helper", "other"); False when it holds no slot. */
+PyObject *
+mt_worker_set_role(PyObject *module, PyObject *arg)
+{
+    static const char *const names[] = {"worker", "tool", "root", "helper", "other"};
+    const char *role = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
+    uint8_t value = ROLE_LAST + 1;
+    for (uint8_t i = 0; role != NULL && i <= ROLE_LAST; i++) {
+        if (strcmp(role, names[i]) == 0) {
+            value = i;
+        }
+    }
+    if (value > ROLE_LAST) {
+        if (!PyErr_Occurred()) {
+            PyErr_Format(PyExc_ValueError,
+                         "role must be 'worker', 'tool', 'root', 'helper' or 'other', not %R",
+                         arg);
+        }
+        return NULL;
+    }
+    mtx_lock(&mt_phase_lock);
+    mt_slot *s = wk.slot;
+    if (s != NULL) {
+        write_begin(s);
+        s->role = value;
+        s->updated = mt_os_monotonic();
+        write_end(s);
+    }
+    mtx_unlock(&mt_phase_lock);
+    return PyBool_FromLong(s != NULL);
+}

@@ -54,6 +54,9 @@ class Totals:
         )
 
 
+_TOTALS_FIELDS = ("live", "rss", "pss", "uss", "peak_rss", "dead", "memory", "fresh_memory")
+
+
 class WorkerTable:
     """A shared-memory table of pool workers, created by the parent of a pool.
 
@@ -139,9 +142,11 @@ class WorkerTable:
 
         Summed in C from one read of the table, without a Python object per worker: poll
         this, not :meth:`workers`. Busy and corrupt slots count in neither live nor dead."""
-        live, rss, pss, uss, peak_rss, dead, memory, fresh = self._segment.totals()
-        return Totals(live=live, rss=rss, pss=pss, uss=uss, peak_rss=peak_rss, dead=dead,
-                      memory=memory, fresh_memory=fresh)
+        # Filled without the dataclass's __init__ (8 frozen setattrs cost more than the
+        # read itself): a poll at every task must stay cheap.
+        totals = object.__new__(Totals)
+        totals.__dict__.update(zip(_TOTALS_FIELDS, self._segment.totals()))
+        return totals
 
     def forget_dead(self) -> int:
         """Free the slots of dead workers; returns how many."""
@@ -324,6 +329,18 @@ def task_done() -> None:
 def worker_slot() -> tuple[str, int] | None:
     """(table name, slot index) when this process is a joined worker, else None."""
     return _core.worker_info()
+
+
+ROLES = ("worker", "tool", "root", "helper", "other")
+
+
+def set_role(role: str) -> bool:
+    """Say what this process is to the pool, in its slot (``WorkerStats.role``): "worker"
+    (what every slot starts as), "tool", "root", "helper" or "other". Returns False when
+    this process holds no slot."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    return _core.set_role(role)
 
 
 def set_heartbeat(seconds: float) -> None:
