@@ -133,6 +133,54 @@ def test_a_segment_resized_under_the_reader_is_damaged_never_sigbus(change):
             stop(p)
 
 
+FLIPPER = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+size = int(sys.argv[2])
+while True:
+    os.ftruncate(fd, 256)
+    os.ftruncate(fd, size)
+"""
+
+RACE = """
+import collections, os, subprocess, sys, time, memtrack
+t = memtrack.WorkerTable(capacity=64)
+path = "/dev/shm" + t.name
+flipper = subprocess.Popen([sys.executable, "-c", sys.argv[1], path,
+                            str(os.stat(path).st_size)])
+seen = collections.Counter()
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline and not seen["sigbus"]:
+    try:
+        r = memtrack.WorkerTable.attach(t.name)
+    except memtrack.TableError:
+        seen["attach refused"] += 1
+        continue
+    try:
+        for _ in range(3):
+            r.workers()
+        seen["read"] += 1
+    except memtrack.TableError as e:
+        seen["sigbus" if "SIGBUS caught" in str(e) else "size check"] += 1
+    r.close()
+flipper.kill()
+flipper.wait()
+print(dict(seen))
+"""
+
+
+def test_a_truncation_racing_the_size_check_is_caught_not_fatal():
+    # Another process shrinks and regrows the file as fast as it can, so that some
+    # truncations land between a pass's size check and its loads: the SIGBUS guard must
+    # turn those into a damaged table. The reader runs in a child: without the guard it
+    # would die of SIGBUS (and not take pytest with it).
+    out = subprocess.run([sys.executable, "-c", RACE, FLIPPER], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    seen = eval(out.stdout.strip().splitlines()[-1])
+    assert seen.get("sigbus", 0) >= 1, seen
+
+
 def test_the_recorder_survives_a_truncated_table(tmp_path):
     with memtrack.WorkerTable(capacity=2) as table:
         p = joined_worker(table)
