@@ -8,7 +8,18 @@ from __future__ import annotations
 
 import os as _os
 
-from . import _core
+try:
+    from . import _core
+except ImportError as _error:
+    raise ImportError(
+        f"memtrack's C extension memtrack._core could not be loaded ({_error}). "
+        "Install a wheel built for this Python and platform (pip install memtrack from a "
+        "wheel file: see the README), or build it from source: apt-get install pkg-config "
+        "libmsgpack-dev && pip install --force-reinstall . (in a source checkout: "
+        "pip install -e .). A build that linked msgpack-c as a shared library also needs "
+        "that library at run time: apt-get install libmsgpackc2",
+        name="memtrack._core",
+    ) from _error
 
 __version__ = "0.1.0"
 if _core.__version__ != __version__:
