@@ -140,6 +140,17 @@ def test_top_refreshes_live_on_a_terminal(busy_table):
                     break
     finally:
         os.kill(pid, 2)  # ctrl-c ends it cleanly
+        # Keep reading until the child closes the terminal: a child blocked writing a frame
+        # to a full pty at exit would otherwise never end (seen under load).
+        drain_until = time.monotonic() + 60
+        while time.monotonic() < drain_until:
+            if not select.select([fd], [], [], 1.0)[0]:
+                continue
+            try:
+                if not os.read(fd, 65536):
+                    break
+            except OSError:  # EIO: the child closed the terminal
+                break
         _, status = os.waitpid(pid, 0)
     screen = b"".join(chunks).decode(errors="replace")
     assert screen.count("\x1b[2J") >= 3  # redrawn several times
