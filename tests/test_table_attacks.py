@@ -262,6 +262,55 @@ def test_counters_stuck_odd_under_a_live_pid_cost_one_budget_not_one_per_slot():
         assert table.forget_dead() == 64
 
 
+def test_a_child_forked_while_another_thread_reads_can_still_read_and_close():
+    # A read that waits (a slot stuck mid-write: 2 ms without the GIL) holds the table's
+    # lock; a fork at that moment copies the lock held, by a thread the child lacks.
+    with memtrack.WorkerTable(capacity=2) as table:
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            stuck(table, [0], sleeper.pid)
+            reading = threading.Event()
+            done = threading.Event()
+
+            def reader():
+                while not done.is_set():
+                    table.workers()
+                    reading.set()
+
+            t = threading.Thread(target=reader)
+            t.start()
+            reading.wait()
+            pids = []
+            try:
+                for _ in range(10):
+                    pid = os.fork()
+                    if pid == 0:
+                        code = 1
+                        try:
+                            code = 0 if table.workers()[0].state == "busy" else 2
+                            table.close()
+                        finally:
+                            os._exit(code)
+                    pids.append(pid)
+            finally:
+                done.set()
+                t.join()
+            deadline = time.monotonic() + 30
+            for pid in pids:
+                while True:
+                    got, status = os.waitpid(pid, os.WNOHANG)
+                    if got:
+                        assert os.waitstatus_to_exitcode(status) == 0
+                        break
+                    if time.monotonic() > deadline:
+                        for p in pids:
+                            os.kill(p, 9)
+                        pytest.fail("a forked child hung on the lock it inherited")
+                    time.sleep(0.01)
+        finally:
+            stop(sleeper)
+
+
 GARBAGE = [
     (PEAK, struct.pack("<Q", 2**64 - 1), "field peak_rss"),
     (RSS, struct.pack("<Q", 2**63), "field rss"),

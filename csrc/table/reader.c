@@ -1211,13 +1211,37 @@ typedef struct {
     long owner_pid;             /* the creating process: a forked copy never unlinks */
     char name[256];
     PyThread_type_lock lock;
+    long lock_pid;      /* the process the lock belongs to (see fresh_lock) */
     PyObject **views;   /* per slot: the last view handed out, or NULL */
     uint32_t *stamps;   /* the snap stamp each view was made at */
 } SegmentObject;
 
+/* A forked child inherits the lock in whatever state the parent's threads
+ * left it, and none of those threads exists in the child: it gets a lock of
+ * its own (the inherited one is left, never used again). */
+static int
+fresh_lock(SegmentObject *self)
+{
+    long pid = mt_os_pid();
+    if (self->lock != NULL && self->lock_pid == pid) {
+        return 0;
+    }
+    PyThread_type_lock lock = PyThread_allocate_lock();
+    if (lock == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->lock = lock;
+    self->lock_pid = pid;
+    return 0;
+}
+
 static int
 lock_segment(SegmentObject *self)
 {
+    if (fresh_lock(self) < 0) {
+        return -1;
+    }
     if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
         Py_BEGIN_ALLOW_THREADS PyThread_acquire_lock(self->lock, WAIT_LOCK);
         Py_END_ALLOW_THREADS
@@ -1266,9 +1290,7 @@ segment_init(SegmentObject *self, PyObject *args, PyObject *kwds)
     if (module == NULL) {
         return -1;
     }
-    self->lock = PyThread_allocate_lock();
-    if (self->lock == NULL) {
-        PyErr_NoMemory();
+    if (fresh_lock(self) < 0) {
         return -1;
     }
     mt_oserr e;
@@ -1354,7 +1376,7 @@ segment_dealloc(SegmentObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
     segment_close_impl(self);
-    if (self->lock != NULL) {
+    if (self->lock != NULL && self->lock_pid == mt_os_pid()) {
         PyThread_free_lock(self->lock);
     }
     tp->tp_free(self);
@@ -1609,6 +1631,9 @@ static PyObject *
 segment_close(SegmentObject *self, PyObject *unused)
 {
     if (self->lock != NULL) {
+        if (fresh_lock(self) < 0) {
+            return NULL;
+        }
         Py_BEGIN_ALLOW_THREADS PyThread_acquire_lock(self->lock, WAIT_LOCK);
         Py_END_ALLOW_THREADS segment_close_impl(self);
         PyThread_release_lock(self->lock);
