@@ -7,8 +7,9 @@
 
 RESULTS.md gets the machine once, then one section per script: the core (bench_core.py,
 issue 2), the worker table (bench_table.py, issue 3), its reader against the one before
-issue 10 and psutil (bench_table_read.py) and recording (bench_record.py, issue 6). Both use the measuring method in
-benchmarks/_timing.py. Nothing here asserts anything about speed.
+issue 10 and psutil (bench_table_read.py), recording (bench_record.py, issue 6) and the
+pool figures of memtrack run against a psutil sampler (bench_accounting.py, issue 11).
+They use the measuring method in benchmarks/_timing.py. Nothing here asserts anything.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_accounting  # noqa: E402
 import bench_core  # noqa: E402
 import bench_record  # noqa: E402
 import bench_serve  # noqa: E402
@@ -28,7 +30,7 @@ import bench_table_read  # noqa: E402
 from _timing import HERE, print_section, say, warn_if_busy, write_results  # noqa: E402
 
 SCRIPTS = {"core": bench_core, "table": bench_table, "table_read": bench_table_read,
-           "record": bench_record, "serve": bench_serve}
+           "record": bench_record, "serve": bench_serve, "accounting": bench_accounting}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_table_read.add_arguments(ap)  # --old-tree, --read-rounds
     bench_record.add_arguments(ap)  # --record-pairs
     bench_serve.add_arguments(ap)  # --serve-rounds
+    bench_accounting.add_arguments(ap)  # --programs, --methods
     args = ap.parse_args(argv)
     if sys.platform != "linux":
         print("the benchmarks measure the Linux implementation; run them on Linux.",

@@ -100,6 +100,7 @@ typedef struct {
     mt_pss_track self_pss;
     mt_oom_counter oom_counters[MAX_OOM_FILES];
     int noom;
+    int sharing_changed, sharing_changes; /* a process joined or left: this round, the next */
     size_t packed; /* bytes in pk not yet written */
     double last_flush;
     uint64_t beat;
@@ -221,6 +222,16 @@ track_pss(mt_pss_track *t, long pid, double min_gap, uint64_t rss, uint64_t anon
     *pss = plus(t->pss, d_anon + d_file * share);
     *uss = plus(t->uss, d_anon + d_file * private_share);
     return 0;
+}
+
+/* The least time between two PSS readings of a process. When a process
+ * joined or left in the previous round, pages changed hands (a fork shares
+ * the parent's pages, an exit leaves them to the others) without any RSS
+ * changing: every process is read again as soon as its budget allows. */
+static double
+pss_gap(const RecorderObject *r)
+{
+    return r->sharing_changed ? 0.0 : r->pss_every * r->interval;
 }
 
 static int
@@ -450,7 +461,7 @@ sample_self(RecorderObject *r, double now, mt_pool *pool)
         anon = rss;
     }
     int pss_state =
-        track_pss(&r->self_pss, 0, r->pss_every * r->interval, rss, anon, &pss, &uss);
+        track_pss(&r->self_pss, 0, pss_gap(r), rss, anon, &pss, &uss);
     add_to_pool(pool, r->self_role, rss, peak, pss_state, pss);
     mtx_lock(&r->lock);
     r->self_rss = rss;
@@ -526,6 +537,7 @@ sample_workers(RecorderObject *r, double now, mt_pool *pool)
             seen->oom = oom_counter_of(r, (long)v->pid);
             rc |= pack_event(r->pk, v->joined, "join", v, (long)v->pid, seen->role, v->phase,
                              v->rss, v->peak_rss, 0);
+            r->sharing_changes = 1;
         }
         else if (v->alive && seen->role == ROLE_WORKER && seen->rounds <= ROLE_RECHECK_ROUNDS &&
                  is_power_of_two(seen->rounds)) {
@@ -539,7 +551,7 @@ sample_workers(RecorderObject *r, double now, mt_pool *pool)
             if (mt_os_proc_memory((long)v->pid, &rss, &hwm, &anon) < 0) {
                 rss = anon = v->rss;
             }
-            int pss_state = track_pss(&seen->pss, (long)v->pid, r->pss_every * r->interval,
+            int pss_state = track_pss(&seen->pss, (long)v->pid, pss_gap(r),
                                       rss, anon, &pss, &uss);
             if (pss_state == 1) { /* now and then: it may have moved to another cgroup */
                 seen->oom = oom_counter_of(r, (long)v->pid);
@@ -577,6 +589,7 @@ sample_workers(RecorderObject *r, double now, mt_pool *pool)
             }
             rc |= pack_event(r->pk, now, killed ? "death" : "exit", v, (long)v->pid, seen->role,
                              v->phase, v->rss, v->peak_rss, oom);
+            r->sharing_changes = 1;
         }
         seen->state = v->state;
     }
@@ -712,6 +725,7 @@ sample_tree(RecorderObject *r, double now, mt_pool *pool)
             p->oom = oom_counter_of(r, pid);
             p->joined = now;
             rc |= pack_event(r->pk, now, "join", NULL, pid, p->role, NULL, rss, hwm, 0);
+            r->sharing_changes = 1;
         }
         else if ((p->role == ROLE_WORKER || p->role == ROLE_OTHER) &&
                  p->rounds <= ROLE_RECHECK_ROUNDS && is_power_of_two(p->rounds)) {
@@ -733,7 +747,7 @@ sample_tree(RecorderObject *r, double now, mt_pool *pool)
         }
         uint64_t pss = 0, uss = 0;
         int pss_state =
-            track_pss(&p->track, pid, r->pss_every * r->interval, rss, anon, &pss, &uss);
+            track_pss(&p->track, pid, pss_gap(r), rss, anon, &pss, &uss);
         if (pss_state >= 0) {
             p->pss = pss;
             p->uss = uss;
@@ -754,6 +768,7 @@ sample_tree(RecorderObject *r, double now, mt_pool *pool)
         if (!r->procs[i].present) {
             if (!is_worker(r, r->procs[i].pid)) {
                 rc |= proc_left(r, &r->procs[i], now);
+                r->sharing_changes = 1;
             }
             r->procs[i] = r->procs[--r->nprocs];
         }
@@ -806,6 +821,8 @@ sample_round(RecorderObject *r, int last)
 {
     double now = mt_os_monotonic();
     mt_pool pool = {0};
+    r->sharing_changed = r->sharing_changes;
+    r->sharing_changes = 0;
     int rc = sample_self(r, now, &pool);
     if (r->table != NULL) {
         rc |= sample_workers(r, now, &pool);

@@ -365,12 +365,12 @@ class PeakWatch:
         ...
 
 class Recorder:
-    """Recorder(fd, interval, table=None, root_pid=0, pss_every=10).
+    """Recorder(fd, interval, table=None, root_pid=0, pss_every=10, self_role='root').
 
     A native thread that samples every `interval` seconds (0.001 to 3600) and appends
     msgpack records (docs/format.md) to the open file descriptor `fd`, in chunks.
     ``table`` is a worker table name to sample; ``root_pid`` > 0 also samples every
-    descendant of that process through /proc; pss is read every `pss_every` samples
+    descendant of that process through /proc; pss is read at most every `pss_every` samples and within a CPU budget
     (estimated from the RSS change in between). ``self_role`` is this process's role in
     the recording: "root" (it runs the pool) or "tool" (memtrack run: in no figure).
     """

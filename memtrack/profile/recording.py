@@ -74,7 +74,9 @@ class record:
 
     ``with memtrack.record("run.mtp"):`` samples this process every `interval` seconds
     (default 0.05, or ``MEMTRACK_INTERVAL``): rss, the exact peak since the previous
-    sample, pss every `pss_every` samples, the current phase. When a :class:`WorkerTable`
+    sample, pss at most every `pss_every` samples (default 1: as often as a CPU budget of
+    0.2% of a core per process allows, so a 1 GB worker is read every few seconds and a
+    small one every round; estimated from the RSS change in between), the current phase. When a :class:`WorkerTable`
     is open (`table`, or else the latest one this process opened) every worker slot is
     sampled too, with join/exit/death/phase/task events and the pool total. With
     `root_pid` every descendant of that process is sampled through ``/proc`` as well,
@@ -84,7 +86,7 @@ class record:
 
     def __init__(self, path: str | os.PathLike[str], interval: float | None = None, *,
                  table: WorkerTable | None = None, root_pid: int | None = None,
-                 pss_every: int = 10, command: list[str] | None = None) -> None:
+                 pss_every: int = 1, command: list[str] | None = None) -> None:
         self.path = os.fspath(path)
         self.interval = default_interval() if interval is None else float(interval)
         if not 0.001 <= self.interval <= 3600:
