@@ -68,8 +68,10 @@ class MemoryGrowthError(AssertionError):
         self.growth = growth
 
 
-def _retained() -> int:
-    """RSS once garbage is collected and free malloc heap is returned to the OS."""
+def retained_rss() -> int:
+    """RSS once garbage is collected and free malloc heap is returned to the OS: the memory
+    something kept. The one definition, for the growth check, the pytest plugin and the
+    executor's leak check."""
     gc.collect()
     _core.trim()
     return _core.rss()
@@ -93,10 +95,10 @@ def measure_growth(fn: Callable[..., Any], iterations: int = 50, warmup: int = 5
     kwargs = kwargs or {}
     for _ in range(warmup):
         fn(*args, **kwargs)
-    samples = [_retained()]
+    samples = [retained_rss()]
     for _ in range(iterations):
         fn(*args, **kwargs)
-        samples.append(_retained())
+        samples.append(retained_rss())
     late = samples[len(samples) // 2:]
     return Growth(
         name=getattr(fn, "__qualname__", None) or repr(fn),

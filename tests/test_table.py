@@ -525,3 +525,50 @@ def test_cleanup_does_not_judge_tables_of_another_pid_namespace():
         p.wait()
         if name:
             memtrack._core.unlink_segment(name)
+
+
+
+def test_pool_memory_is_the_tables_sum_at_rest_and_sees_growth_at_once():
+    # One definition of a pool's memory (memtrack/pool/memory.py) for the executor and the
+    # pytest plugin, summed in C (totals().fresh_memory): growth since the last PSS
+    # reading counts at once, before the next PSS reading.
+    from conftest import wait_for
+
+    from memtrack.pool.memory import PoolMemory
+
+    code = textwrap.dedent("""
+        import sys, memtrack
+        memtrack.init_worker(sys.argv[1], heartbeat=0.05)
+        sys.stdin.readline()                 # the parent saw a PSS reading
+        memtrack.set_heartbeat(0)            # from now on only phases publish
+        print("rest", flush=True)
+        sys.stdin.readline()
+        b = bytearray(64 << 20); b[::4096] = b"x" * len(b[::4096])
+        memtrack.phase("grown").__enter__()  # publishes rss, not pss
+        print("grown", flush=True)
+        sys.stdin.readline()
+    """)
+    with memtrack.WorkerTable(capacity=4) as table:
+        p = subprocess.Popen([sys.executable, "-c", code, table.name], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: [w for w in table.workers() if w.pss], what="a PSS reading")
+            p.stdin.write("\n")
+            p.stdin.flush()
+            assert p.stdout.readline() == "rest\n"
+            (rest,) = table.workers()
+            pool = PoolMemory(table)
+            at_rest = pool.now()
+            assert table.totals().memory == rest.pss
+            assert abs(at_rest - rest.pss) < 4 * MB  # rss moved little since the PSS read
+            p.stdin.write("\n")
+            p.stdin.flush()
+            assert p.stdout.readline() == "grown\n"
+            (grown,) = table.workers()
+            assert grown.pss == rest.pss and grown.rss >= rest.rss + 60 * MB
+            assert pool.now() - at_rest == grown.rss - rest.rss  # the growth, at once
+            assert table.totals().memory == rest.pss             # PSS alone waits for a read
+        finally:
+            p.stdin.close()
+            p.wait(timeout=60)
+        assert PoolMemory(table).now() is None  # no live worker

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import gc
 import io
 import itertools
 import logging
@@ -49,9 +48,11 @@ from typing import Any
 
 from .. import _core
 from .._sizes import format_size, parse_size
+from ..leaks import retained_rss
 from ..limits import cpu_limit_info, system_memory
 from ..sizing import WorkerPlan, plan_workers
 from .forensics import deaths, describe_exit, exit_status
+from .memory import PoolMemory
 from .table import WorkerTable, init_worker
 
 __all__ = ["MemoryAwareExecutor", "PoolEvent"]
@@ -154,9 +155,7 @@ def _run_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, A
         del result
     retained = max(0, _core.rss() - len(payload))
     if retained > bound:
-        gc.collect()
-        _core.trim()
-        retained = max(0, _core.rss() - len(payload))
+        retained = max(0, retained_rss() - len(payload))
     return kind, payload, pid, retained
 
 
@@ -187,23 +186,17 @@ def _decode(kind: int, value: Any) -> tuple[Any, BaseException | None]:
 # --------------------------------------------------------------------------- memory probes
 
 
-class _PoolMemory:
-    """The default probe: the pool's memory, or the cgroup's usage when a cgroup binds.
+class _CgroupUsage:
+    """The default probe when a cgroup limit binds: the cgroup's usage (it counts every
+    process of the container, not only the pool), reused while younger than
+    CGROUP_PROBE_EVERY. Without a cgroup limit the probe is :class:`PoolMemory`."""
 
-    Without a cgroup limit, the pool's memory is the sum over live workers of their PSS
-    (shared pages counted once), or their RSS until the first PSS reading of a worker is
-    published (a worker's heartbeat reads PSS every tenth beat).
-    """
+    source = "cgroup usage"
 
-    def __init__(self, table: WorkerTable, cgroup: bool) -> None:
-        self.table = table
-        self.cgroup = cgroup
-        self.source = "cgroup usage" if cgroup else "pool pss"
+    def __init__(self) -> None:
         self._last = (-math.inf, 0)
 
     def __call__(self) -> int:
-        if not self.cgroup:
-            return self.table.totals().memory
         now = time.monotonic()
         if now - self._last[0] >= CGROUP_PROBE_EVERY:
             self._last = (now, system_memory().used)
@@ -774,8 +767,9 @@ class MemoryAwareExecutor(Executor):
 
         self._table = WorkerTable(capacity=min(4096, 2 * workers + 4))
         if memory_probe is None:
-            probe: Callable[[], int] = _PoolMemory(self._table, cgroup)
-            source = probe.source
+            default = _CgroupUsage() if cgroup else PoolMemory(self._table)
+            probe: Callable[[], int] = default
+            source = default.source
         else:
             probe, source = memory_probe, "memory_probe"
         self._dispatcher = _Dispatcher(

@@ -26,10 +26,11 @@ import math
 import os
 import socket
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .._series import evenly_spaced
 from .._sizes import format_size, parse_size
 from .._trend import kendall_tau, mann_kendall_z, theil_sen
 from ..sizing import _check_count, _check_headroom
@@ -878,16 +879,6 @@ def _intervals(by_pid, events, phase_records, rel, duration) -> list[Interval]:
     return sorted(out, key=lambda i: (i.pid, i.start))
 
 
-# --------------------------------------------------------------------------- statistics
-
-
-def _thin(values: Sequence[Any], limit: int) -> list[Any]:
-    if len(values) <= limit:
-        return list(values)
-    step = (len(values) - 1) / (limit - 1)
-    return [values[round(i * step)] for i in range(limit)]
-
-
 # --------------------------------------------------------------------------- insights
 
 
@@ -922,7 +913,7 @@ def _leak_of(run: Run, pid: int, series: list[tuple[float, int]]) -> dict[str, A
     values = [v for _, v in series][1:]  # the first task builds per-worker state
     if len(values) < LEAK_MIN_TASKS:
         return None
-    points = _thin(values, LEAK_MAX_POINTS)
+    points = evenly_spaced(values, LEAK_MAX_POINTS)
     per_point = (len(values) - 1) / (len(points) - 1)
     slope = theil_sen(points) / per_point
     growth = slope * (len(values) - 1)

@@ -30,7 +30,6 @@ carries them to the controller, which prints the summary and writes the baseline
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import statistics
@@ -47,8 +46,9 @@ import pytest
 
 from .. import _core
 from .._sizes import format_size, parse_size
-from ..leaks import Growth
+from ..leaks import Growth, retained_rss
 from ..leaks import assert_no_growth as _assert_no_growth
+from ..pool.memory import PoolMemory
 from ..pool.table import ENV_TABLE, WorkerTable
 from ..profile import summarise_by_path
 
@@ -282,32 +282,6 @@ class Measurement:
         return max(found) if found else None
 
 
-def _collected_rss() -> int:
-    """RSS once the garbage is collected and malloc has returned what it can."""
-    gc.collect()
-    _core.trim()
-    return _core.rss()
-
-
-class _PoolMemory:
-    """What the live workers of a table hold together, read as often as asked.
-
-    A worker publishes its rss at every heartbeat but its pss only at every tenth (pss
-    reads smaps_rollup, which is slow), so a pss alone would miss a spike between two
-    readings, and rss alone counts every shared page once per worker. Each worker
-    counts as its fresh rss less the shared part (rss - pss) of its latest pss reading;
-    before its first pss reading, as its rss: ``Totals.fresh_memory``, summed in C.
-    """
-
-    def __init__(self, table: WorkerTable) -> None:
-        self._table = table
-
-    def now(self) -> int | None:
-        """The sum over live workers, or None when none is alive."""
-        totals = self._table.totals()
-        return totals.fresh_memory if totals.live else None
-
-
 @dataclass(frozen=True)
 class _BodyPeak:
     rss_start: int
@@ -331,7 +305,7 @@ class _Watch:
     def __init__(self, table: WorkerTable | None,
                  on_sample: Callable[[int | None], None]) -> None:
         self._table = table
-        self._pool = _PoolMemory(table) if table is not None else None
+        self._pool = PoolMemory(table) if table is not None else None
         self._on_sample = on_sample
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -454,7 +428,7 @@ class _TestState:
         completed_before = _core.counters()["completed"]
         started = time.monotonic()
         careful = self.collects
-        before = _collected_rss() if careful else 0
+        before = retained_rss() if careful else 0
         watch = _Watch(self.table, self.saw_pool)
         self.running = True
         try:
@@ -464,13 +438,13 @@ class _TestState:
             self.running = False
             stats = watch.stats
             if careful:
-                after = _collected_rss()
+                after = retained_rss()
             elif stats is None:  # the watch could not read: nothing to compare
                 after = before = _core.rss()
             else:
                 before, after = stats.rss_start, stats.rss_end
                 if after - before > RETAINED_CONFIRM:  # a real increase, or garbage?
-                    after = min(after, _collected_rss())
+                    after = min(after, retained_rss())
             workers = []
             if self.table is not None:
                 workers = [w for w in self.table.workers()

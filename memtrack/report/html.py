@@ -10,6 +10,7 @@ from importlib import resources
 from typing import Any
 
 from .. import __version__
+from .._series import bucket_max
 from .._sizes import format_size
 from ..pool.forensics import exit_cell
 from ..profile.insights import Insight, Run
@@ -40,15 +41,6 @@ def _script_json(value: Any) -> str:
             .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
-def _thin_max(rows: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
-    """At most `limit` samples: the largest of each bucket, so a spike is never thinned away."""
-    if len(rows) <= limit:
-        return rows
-    size = len(rows) / limit
-    return [max(rows[int(i * size):max(int((i + 1) * size), int(i * size) + 1)],
-                key=lambda r: r["rss"]) for i in range(limit)]
-
-
 def _chart_data(run: Run) -> dict[str, Any]:
     names: list[str] = []
     index: dict[str, int] = {}
@@ -68,18 +60,14 @@ def _chart_data(run: Run) -> dict[str, Any]:
                                                 pid))
     processes = []
     for pid in pids:
-        rows = _thin_max(run.samples[pid], MAX_POINTS)
+        rows = bucket_max(run.samples[pid], MAX_POINTS, key=lambda r: r["rss"])
         use_pss = False  # a worker's own line is its RSS; the pool line shows PSS
         processes.append({
             "pid": pid, "role": run.roles.get(pid, "other"),
             "points": [[round(r["time"], 3), r["pss"] if use_pss else r["rss"],
                         phase_id(r["phase"])] for r in rows],
         })
-    pool = run.pool
-    if len(pool) > MAX_POINTS:
-        step = len(pool) / MAX_POINTS
-        pool = [max(pool[int(i * step):max(int((i + 1) * step), int(i * step) + 1)],
-                    key=_pool_value) for i in range(MAX_POINTS)]
+    pool = bucket_max(run.pool, MAX_POINTS, key=_pool_value)
     lanes_pids: list[int] = []
     for interval in run.intervals:
         if interval.pid not in lanes_pids:

@@ -7,6 +7,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
+from .._series import evenly_spaced
 from .._sizes import format_size
 from ..pool.forensics import exit_cell
 from ..profile.insights import Insight, Run
@@ -42,12 +43,7 @@ def _phases_held(run: Run, time: float) -> str:
 
 def _timeline_rows(run: Run, rows: int = 12) -> list[Any]:
     """About `rows` evenly spaced pool points, and the peak among them."""
-    points = run.pool
-    if len(points) <= rows:
-        chosen = list(points)
-    else:
-        step = (len(points) - 1) / (rows - 1)
-        chosen = [points[round(i * step)] for i in range(rows)]
+    chosen = evenly_spaced(run.pool, rows)
     if run.peak is not None and run.peak not in chosen:
         chosen.append(run.peak)
         chosen.sort(key=lambda p: p.time)
