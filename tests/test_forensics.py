@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import wait_for
 
 import memtrack
 from memtrack.pool import forensics
@@ -48,9 +47,11 @@ def test_deaths_are_data_and_explain_broken_pool_is_their_text():
         assert failed.wait(timeout=60) == 3 and fine.wait(timeout=60) == 0
         table.record_exit(failed.pid, 3)  # reaped by us: the owner tells the table, as a pool does
         killed.send_signal(signal.SIGKILL)
-        # when the table is read (the killed child not reaped yet: its signal is readable)
-        found = wait_for(lambda: len(d := forensics.deaths(table)) == 2 and d,
-                         what="two deaths in the table")
+        # wait until it can be waited for, without reaping it: its signal is readable then
+        # (a table read in the instant before may record the death without its signal)
+        os.waitid(os.P_PID, killed.pid, os.WEXITED | os.WNOWAIT)
+        # when the table is read
+        found = forensics.deaths(table)
         assert killed.wait(timeout=60) == -signal.SIGKILL
         # then each death carries the worker's slot as it was; one is the first to die
         # (which one the slots cannot tell apart to the heartbeat), and neither was
