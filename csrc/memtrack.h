@@ -1,9 +1,11 @@
 /*
  * memtrack._core: the one header every C file includes.
  *
- * Layers: module.c (module state, types, errors) calls readings.c, peak.c,
- * phase.c and pack.c; only csrc/platform/<os>/ talks to the operating system,
- * through the small mt_os_* interface in platform/platform.h.
+ * Layers: module.c (module definition, types, process set-up) calls
+ * readings.c, peak.c, phase.c, table/ and pack.c; every file may call
+ * errors.c (OSError, module state), none calls up into module.c; only
+ * csrc/platform/<os>/ talks to the operating system, through the small
+ * mt_os_* interface in platform/platform.h.
  */
 #ifndef MEMTRACK_H
 #define MEMTRACK_H
@@ -49,6 +51,10 @@
 /* Distinct paths one process can hold; more go to the "(overflow)" path. */
 #define MT_MAX_PATHS 65536
 #define MT_DEFAULT_RECORDS 100000
+/* The range of every interval memtrack accepts (a worker's heartbeat, the
+ * recorder's sampling), in seconds; exported as _core.MIN/MAX_INTERVAL. */
+#define MT_MIN_INTERVAL 0.001
+#define MT_MAX_INTERVAL 3600.0
 
 /* ------------------------------------------------------------------------ */
 /* Module state (PEP 489): the heap types and the exception.                */
@@ -66,6 +72,7 @@ typedef struct {
 } mt_state;
 
 extern PyModuleDef mt_module_def;
+/* errors.c: the module state of one of our heap types (NULL with an error). */
 mt_state *mt_state_from_type(PyTypeObject *tp);
 
 /* Raise OSError (the errno subclass) naming the failing call and path. */
@@ -133,7 +140,7 @@ PyObject *mt_summary(PyObject *module, PyObject *unused);
 PyObject *mt_records(PyObject *module, PyObject *unused);
 PyObject *mt_reset(PyObject *module, PyObject *unused);
 PyObject *mt_configure(PyObject *module, PyObject *args, PyObject *kwargs);
-PyObject *mt_pack_phase_records(PyObject *module, PyObject *unused);
+PyObject *mt_pack_phase_records(PyObject *module, PyObject *args, PyObject *kwargs);
 PyObject *mt_phase_counters(PyObject *module, PyObject *unused);
 PyObject *mt_phase_summary_new(mt_state *st, const mt_phase_totals *t);
 
@@ -227,6 +234,9 @@ PyObject *mt_worker_set_role(PyObject *module, PyObject *role);
 PyObject *mt_segment_creator(PyObject *module, PyObject *name);
 PyObject *mt_proc_identity(PyObject *module, PyObject *pid);
 PyObject *mt_unlink_segment(PyObject *module, PyObject *name);
+/* table/names.c: which tables exist, through the platform (mt_os_shm_list). */
+PyObject *mt_list_segments(PyObject *module, PyObject *prefix);
+PyObject *mt_segment_exists(PyObject *module, PyObject *name);
 
 /* ------------------------------------------------------------------------ */
 /* pack.c: msgpack through msgpack-c.                                        */

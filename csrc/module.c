@@ -1,46 +1,11 @@
 /*
  * memtrack._core: module definition (PEP 489 multi-phase init), module
- * state with heap types, and the one place OSErrors are raised.
+ * state with heap types, process-wide set-up. OSErrors are raised, and the
+ * module state is found, in errors.c, so lower files never call up here.
  */
 #include "memtrack.h"
+#include "table/layout.h" /* MAX_CAPACITY */
 
-#include <string.h>
-
-void
-mt_raise_os(int err, const char *syscall, const char *path)
-{
-    PyObject *exc;
-    if (path != NULL) {
-        exc = PyObject_CallFunction(PyExc_OSError, "(isz)", err, strerror(err), path);
-    }
-    else {
-        exc = PyObject_CallFunction(PyExc_OSError, "(is)", err, strerror(err));
-    }
-    if (exc == NULL) {
-        return;
-    }
-    /* OSError(errno, ...) is already the errno subclass; add the call. */
-    PyObject *msg = PyUnicode_FromFormat("%s failed: %s", syscall, strerror(err));
-    if (msg != NULL) {
-        PyObject_SetAttrString(exc, "strerror", msg);
-        Py_DECREF(msg);
-    }
-    PyObject *name = PyUnicode_FromString(syscall);
-    if (name != NULL) {
-        PyObject_SetAttrString(exc, "syscall", name);
-        Py_DECREF(name);
-    }
-    PyErr_Clear();
-    PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-    Py_DECREF(exc);
-}
-
-mt_state *
-mt_state_from_type(PyTypeObject *tp)
-{
-    PyObject *module = PyType_GetModuleByDef(tp, &mt_module_def);
-    return module ? PyModule_GetState(module) : NULL;
-}
 
 /* ------------------------------------------------------------------------ */
 /* Process-wide set-up: once per process, whatever the number of modules.   */
@@ -227,8 +192,10 @@ static PyMethodDef module_methods[] = {
      "configure(*, max_records=None) -> dict of the settings in force."},
     {"counters", mt_phase_counters, METH_NOARGS, "counters() -> dict of table sizes."},
     {"pack", mt_pack, METH_O, "pack(obj) -> bytes: msgpack via msgpack-c."},
-    {"pack_phase_records", mt_pack_phase_records, METH_NOARGS,
-     "pack_phase_records() -> (bytes, dropped): the records as msgpack maps."},
+    {"pack_phase_records", (PyCFunction)(void (*)(void))mt_pack_phase_records,
+     METH_VARARGS | METH_KEYWORDS,
+     "pack_phase_records(since=None) -> (bytes, dropped): the records (started at or after "
+     "since) as msgpack maps."},
     {"unpack_stream", mt_unpack_stream, METH_O,
      "unpack_stream(data) -> (objects, consumed, error or None)."},
     {"set_disabled", mt_set_disabled, METH_O, "set_disabled(flag): MEMTRACK_DISABLE."},
@@ -248,6 +215,9 @@ static PyMethodDef module_methods[] = {
     {"oom_kills", mt_oom_kills_py, METH_O,
      "oom_kills(pid) -> (counter file, kills so far) of pid's memory cgroup, or None."},
     {"unlink_segment", mt_unlink_segment, METH_O, "unlink_segment(name)."},
+    {"list_segments", mt_list_segments, METH_O,
+     "list_segments(prefix) -> sorted names of this user's segments starting with prefix."},
+    {"segment_exists", mt_segment_exists, METH_O, "segment_exists(name) -> bool."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -260,6 +230,15 @@ add_type(PyObject *module, PyTypeObject **slot, PyStructSequence_Desc *desc)
     }
     const char *name = strrchr(desc->name, '.') + 1;
     return PyModule_AddObjectRef(module, name, (PyObject *)*slot);
+}
+
+static int
+add_float(PyObject *module, const char *name, double value)
+{
+    PyObject *v = PyFloat_FromDouble(value);
+    int rc = PyModule_AddObjectRef(module, name, v); /* NULL v: fails with its error */
+    Py_XDECREF(v);
+    return rc;
 }
 
 static int
@@ -322,7 +301,10 @@ module_exec(PyObject *module)
         PyModule_AddIntConstant(module, "MAX_NAME", MT_MAX_NAME) < 0 ||
         PyModule_AddIntConstant(module, "MAX_DEPTH", MT_MAX_DEPTH) < 0 ||
         PyModule_AddIntConstant(module, "MAX_PATH", MT_MAX_PATH) < 0 ||
-        PyModule_AddIntConstant(module, "MAX_PATHS", MT_MAX_PATHS) < 0) {
+        PyModule_AddIntConstant(module, "MAX_PATHS", MT_MAX_PATHS) < 0 ||
+        PyModule_AddIntConstant(module, "MAX_CAPACITY", MAX_CAPACITY) < 0 ||
+        add_float(module, "MIN_INTERVAL", MT_MIN_INTERVAL) < 0 ||
+        add_float(module, "MAX_INTERVAL", MT_MAX_INTERVAL) < 0) {
         return -1;
     }
     return 0;

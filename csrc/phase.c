@@ -11,6 +11,7 @@
  */
 #include "memtrack.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1131,16 +1132,31 @@ mt_phase_counters(PyObject *module, PyObject *unused)
                          completed);
 }
 
-/* The records and the summary as msgpack maps (docs/format.md), packed
- * without building a Python object per record. */
+/* The records as msgpack maps (docs/format.md), packed without building a
+ * Python object per record: the one encoder of a phase record, for dump()
+ * and for the recorder. pack_phase_records(since=None) keeps the records
+ * that started at or after `since` (seconds, PhaseStats.start's clock). */
 PyObject *
-mt_pack_phase_records(PyObject *module, PyObject *unused)
+mt_pack_phase_records(PyObject *module, PyObject *args, PyObject *kwargs)
 {
+    static char *kwlist[] = {"since", NULL};
+    PyObject *since_arg = Py_None;
+    double since = -INFINITY;
     size_t n;
     uint64_t dropped;
-    mt_named_record *copy = copy_records(&n, &dropped);
+    mt_named_record *copy = NULL;
     mt_packer *pk = NULL;
     PyObject *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:pack_phase_records", kwlist, &since_arg)) {
+        return NULL;
+    }
+    if (since_arg != Py_None) {
+        since = PyFloat_AsDouble(since_arg);
+        if (since == -1.0 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    copy = copy_records(&n, &dropped);
     if (copy == NULL) {
         return PyErr_NoMemory();
     }
@@ -1152,6 +1168,9 @@ mt_pack_phase_records(PyObject *module, PyObject *unused)
     int rc = 0;
     for (size_t i = 0; rc == 0 && i < n; i++) {
         const mt_named_record *c = &copy[i];
+        if (!(c->r.start >= since)) {
+            continue;
+        }
         rc |= mt_pack_map(pk, 12);
         rc |= mt_pack_key(pk, "t") | mt_pack_str(pk, "phase", 5);
         rc |= mt_pack_key(pk, "name") | mt_pack_str(pk, c->name, strlen(c->name));

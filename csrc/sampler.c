@@ -944,9 +944,13 @@ recorder_init(RecorderObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_RuntimeError, "Recorder is already initialised");
         return -1;
     }
-    if (!(interval >= 0.001 && interval <= 3600)) {
-        PyErr_Format(PyExc_ValueError, "interval must be between 0.001 and 3600 s, not %g",
-                     interval);
+    if (!(interval >= MT_MIN_INTERVAL && interval <= MT_MAX_INTERVAL)) {
+        PyObject *given = PyFloat_FromDouble(interval); /* PyErr_Format has no %g */
+        if (given != NULL) {
+            PyErr_Format(PyExc_ValueError, "interval must be between 0.001 and 3600 s, not %R",
+                         given);
+            Py_DECREF(given);
+        }
         return -1;
     }
     if (pss_every < 1 || fd < 0 || root_pid < 0) {

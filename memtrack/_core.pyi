@@ -21,6 +21,11 @@ MAX_DEPTH: Final[int]
 MAX_PATH: Final[int]
 #: Distinct paths (and exception names) one process can hold; more go to "(overflow)".
 MAX_PATHS: Final[int]
+#: The most workers one table holds.
+MAX_CAPACITY: Final[int]
+#: The range of every interval memtrack accepts (heartbeat, recorder), in seconds.
+MIN_INTERVAL: Final[float]
+MAX_INTERVAL: Final[float]
 
 # --------------------------------------------------------------------------------------
 # Exceptions
@@ -281,8 +286,10 @@ def use_sampler(reason: str, /) -> None: ...
 def pack(obj: object, /) -> bytes:
     """msgpack of None, bool, int (64-bit), float, str, bytes, list, tuple or dict."""
 
-def pack_phase_records() -> tuple[bytes, int]:
-    """The record ring as msgpack "phase" maps (docs/format.md), and the dropped count."""
+def pack_phase_records(since: float | None = None) -> tuple[bytes, int]:
+    """The record ring as msgpack "phase" maps (docs/format.md), and the dropped count: the
+    one encoder of a phase record. With ``since``, only the records that started at or after
+    it (``PhaseStats.start``'s clock)."""
 
 def unpack_stream(
     data: ReadableBuffer, /
@@ -351,6 +358,10 @@ def oom_kills(pid: int, /) -> tuple[str, int] | None:
     the ``oom_kill`` count in it. None when none of them can be read."""
 
 def unlink_segment(name: str, /) -> None: ...
+def list_segments(prefix: str, /) -> list[str]:
+    """Sorted names ("/<name>") of this user's segments whose name starts with `prefix`;
+    [] where segments cannot be listed."""
+def segment_exists(name: str, /) -> bool: ...
 
 # --------------------------------------------------------------------------------------
 # The recorder behind memtrack.record (csrc/sampler.c)

@@ -148,3 +148,41 @@ def test_non_finite_numbers_are_refused():
              "peak_rss": 1, "heap_delta": 0, "error": None}
     with pytest.raises(memtrack.ProfileError, match="record 1: field 'start' should be a finite"):
         memtrack.profile.parse(header + _core.pack(phase) + _core.pack({"t": "end"}))
+
+
+def test_one_encoder_of_phase_records_keeps_those_since_a_time():
+    # given: two phases, the second started after a mark
+    memtrack.reset()
+    with memtrack.phase("before"):
+        pass
+    (first,) = memtrack.records()
+    with memtrack.phase("after"):
+        pass
+    second = memtrack.records()[-1]
+    # when: the C encoder packs all records, and those since the second's start
+    everything, _ = _core.pack_phase_records()
+    since, dropped = _core.pack_phase_records(since=second.start)
+    # then: the records read back are exactly the PhaseStats, filtered by start
+    unpacked = _core.unpack_stream(since)[0]
+    assert [r["path"] for r in unpacked] == ["after"] and dropped == 0
+    assert unpacked[0]["rss_start"] == second.rss_start
+    assert unpacked[0]["start"] == second.start
+    assert [r["path"] for r in _core.unpack_stream(everything)[0]] == ["before", "after"]
+    assert _core.pack_phase_records(since=first.start)[0] == everything
+    assert _core.pack_phase_records(since=None)[0] == everything
+    with pytest.raises(TypeError):
+        _core.pack_phase_records(since="soon")
+
+
+def test_summary_records_are_the_summary_as_stored():
+    from memtrack.profile.files import summary_records
+
+    memtrack.reset()
+    for _ in range(3):
+        with memtrack.phase("x"):
+            pass
+    (record,) = summary_records(memtrack.summary())
+    s = memtrack.summary()["x"]
+    assert record == {"t": "summary", "path": "x", "count": 3, "total_time": s.total_time,
+                      "max_peak_rss": s.max_peak_rss, "max_peak_delta": s.max_peak_delta,
+                      "total_rss_delta": s.total_rss_delta}

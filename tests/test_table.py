@@ -213,6 +213,36 @@ def test_stale_segment_of_a_killed_parent_is_removed():
     assert not os.path.exists("/dev/shm" + name)
 
 
+
+def test_the_platform_lists_this_users_tables_only():
+    # Listing tables is the platform layer's (mt_os_shm_list): ours are listed, a
+    # segment with our prefix owned by another user and one with another prefix are not.
+    from memtrack import _core
+
+    prefix = f"memtrack-{os.getuid()}-"
+    with memtrack.WorkerTable(2) as table:
+        foreign = f"/dev/shm/{prefix}not-ours-{os.getpid()}"
+        other = f"/dev/shm/memtrack-other-prefix-{os.getpid()}"
+        for path in (foreign, other):
+            with open(path, "wb"):
+                pass
+        try:
+            if os.geteuid() == 0:
+                os.chown(foreign, 65534, 65534)
+            names = _core.list_segments(prefix)
+            assert table.name in names and names == sorted(names)
+            assert ("/" + os.path.basename(foreign) in names) == (os.geteuid() != 0)
+            assert "/" + os.path.basename(other) not in names
+            assert _core.segment_exists(table.name)
+            assert table.name in memtrack.pool.table.live_tables()
+        finally:
+            os.unlink(foreign)
+            os.unlink(other)
+    assert not _core.segment_exists(table.name)
+    assert table.name not in _core.list_segments(prefix)
+    with pytest.raises(TypeError, match="prefix must be a str"):
+        _core.list_segments(b"memtrack")
+
 def test_creating_a_table_cleans_stale_ones_and_close_removes_it():
     code = (
         "import memtrack, os; t = memtrack.WorkerTable(2); print(t.name, flush=True); os._exit(0)"

@@ -116,6 +116,13 @@ uint64_t mt_os_memory_bound(void);
  * 0 when fn ran to its end. A SIGBUS outside a guard goes to whatever
  * handler was installed before. Guards nest per thread. */
 int mt_os_guarded(void (*fn)(void *), void *arg);
+/* This user's segments whose name (without the leading '/') starts with
+ * `prefix`: fn(ctx, "/<name>") for each, in no particular order, until fn
+ * returns nonzero. 0; -1 (e set) when the segments cannot be listed. */
+typedef int (*mt_os_shm_fn)(void *ctx, const char *name);
+int mt_os_shm_list(const char *prefix, mt_os_shm_fn fn, void *ctx, mt_oserr *e);
+/* 1 when the segment `name` exists, else 0. */
+int mt_os_shm_exists(const char *name);
 /* Other processes. */
 enum { MT_PROC_GONE = 0, MT_PROC_ALIVE = 1, MT_PROC_ZOMBIE = 2 };
 int mt_os_proc_identity(long pid, uint64_t *start_time);

@@ -536,7 +536,7 @@ mt_worker_set_heartbeat(PyObject *module, PyObject *arg)
     if (sec == -1.0 && PyErr_Occurred()) {
         return NULL;
     }
-    if (!(sec == 0 || (sec >= 0.001 && sec <= 3600))) {
+    if (!(sec == 0 || (sec >= MT_MIN_INTERVAL && sec <= MT_MAX_INTERVAL))) {
         PyErr_Format(PyExc_ValueError,
                      "heartbeat must be 0 (off) or between 0.001 and 3600 seconds, not %R", arg);
         return NULL;

@@ -19,7 +19,7 @@ import threading
 import time
 
 from .._sizes import format_size
-from ..pool.table import WorkerTable
+from ..pool.table import MAX_CAPACITY, WorkerTable
 from ..profile.recording import default_interval, record
 from ._status import StatusRegion
 
@@ -69,8 +69,9 @@ def run_command(command: list[str], output: str, *, interval: float | None = Non
     if not command:
         raise ValueError("no command to run: memtrack run [-o FILE] -- CMD ARGS...")
     interval = default_interval() if interval is None else interval
-    if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= 4096:
-        raise ValueError(f"--capacity must be between 1 and 4096, not {capacity!r}")
+    if (isinstance(capacity, bool) or not isinstance(capacity, int)
+            or not 1 <= capacity <= MAX_CAPACITY):
+        raise ValueError(f"--capacity must be between 1 and {MAX_CAPACITY}, not {capacity!r}")
     with WorkerTable(capacity=capacity) as table:
         env = {**os.environ, **table.environ()}
         env.pop("MEMTRACK_PROFILE", None)

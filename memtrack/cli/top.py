@@ -7,14 +7,14 @@ then the pool totals. ``--once`` prints one frame without escape codes, for scri
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
 
+from .. import _core
 from .._sizes import format_size
 from ..pool.forensics import exit_cell
-from ..pool.table import SHM_DIR, WorkerTable, live_tables
+from ..pool.table import WorkerTable, live_tables
 
 _COLUMNS = ("pid", "state", "rss", "peak", "pss", "tasks", "phase")
 
@@ -77,7 +77,7 @@ def run_top_command(args: argparse.Namespace) -> int:
             print(render_frame(table, width=shutil.get_terminal_size().columns))
             return 0
         while True:
-            gone = not os.path.exists(SHM_DIR + table.name)
+            gone = not _core.segment_exists(table.name)
             frame = render_frame(table, width=shutil.get_terminal_size().columns)
             footer = "table removed by its creator: final state" if gone else "(ctrl-c to quit)"
             sys.stdout.write("\x1b[H\x1b[2J" + frame + "\n\n" + footer + "\n")

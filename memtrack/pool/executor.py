@@ -53,7 +53,7 @@ from ..limits import cpu_limit_info, system_memory
 from ..sizing import WorkerPlan, plan_workers
 from .forensics import deaths, describe_exit, exit_status
 from .memory import PoolMemory
-from .table import WorkerTable, init_worker
+from .table import MAX_CAPACITY, WorkerTable, init_worker
 
 __all__ = ["MemoryAwareExecutor", "PoolEvent"]
 
@@ -184,6 +184,13 @@ def _decode(kind: int, value: Any) -> tuple[Any, BaseException | None]:
 
 
 # --------------------------------------------------------------------------- memory probes
+
+
+def table_capacity(workers: int) -> int:
+    """Slots for a pool of `workers`: as many again for their replacements (a recycled or
+    dead worker's slot keeps its last figures for forensics until a newcomer needs the
+    room), and 4 spare."""
+    return min(MAX_CAPACITY, 2 * workers + 4)
 
 
 class _CgroupUsage:
@@ -765,7 +772,7 @@ class MemoryAwareExecutor(Executor):
             raise ValueError("the memory limit could not be read here; pass limit= "
                              "(e.g. '8 GB') or pause_at=None")
 
-        self._table = WorkerTable(capacity=min(4096, 2 * workers + 4))
+        self._table = WorkerTable(capacity=table_capacity(workers))
         if memory_probe is None:
             default = _CgroupUsage() if cgroup else PoolMemory(self._table)
             probe: Callable[[], int] = default

@@ -21,8 +21,16 @@ WorkerStats = _core.WorkerStats
 TableError = _core.TableError
 
 ENV_TABLE = "MEMTRACK_TABLE"
-SHM_DIR = "/dev/shm"
 DEFAULT_HEARTBEAT = 0.1
+#: The most workers one table holds (the C layout's limit).
+MAX_CAPACITY: int = _core.MAX_CAPACITY
+#: Every interval memtrack accepts (heartbeat, recorder), as the C core checks it.
+INTERVALS = f"{_core.MIN_INTERVAL:g}..{_core.MAX_INTERVAL:g}"
+
+
+def valid_interval(seconds: float) -> bool:
+    """Whether `seconds` is within the intervals memtrack accepts."""
+    return _core.MIN_INTERVAL <= seconds <= _core.MAX_INTERVAL
 
 
 def _prefix() -> str:
@@ -72,14 +80,15 @@ class WorkerTable:
     ) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int):
             raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
-        if not 1 <= capacity <= 4096:
-            raise ValueError(f"capacity must be between 1 and 4096 workers, not {capacity}")
+        if not 1 <= capacity <= MAX_CAPACITY:
+            raise ValueError(
+                f"capacity must be between 1 and {MAX_CAPACITY} workers, not {capacity}")
         if (
             isinstance(heartbeat, bool)
             or not isinstance(heartbeat, (int, float))
-            or not (heartbeat == 0 or 0.001 <= heartbeat <= 3600)
+            or not (heartbeat == 0 or valid_interval(heartbeat))
         ):
-            raise ValueError(f"heartbeat must be 0 (off) or 0.001..3600 seconds, not {heartbeat!r}")
+            raise ValueError(f"heartbeat must be 0 (off) or {INTERVALS} seconds, not {heartbeat!r}")
         cleanup_stale()
         name = f"/{_prefix()}{secrets.token_hex(12)}" if name is None else _normalise(name)
         self._segment = _core.Segment(name, capacity=capacity, heartbeat_ms=round(heartbeat * 1000))
@@ -184,7 +193,7 @@ def _latest_open_table() -> WorkerTable | None:
     _open_tables[:] = [r for r in _open_tables if r() is not None and not r().closed]
     for ref in reversed(_open_tables):
         table = ref()
-        if table is not None and not table.closed and os.path.exists(SHM_DIR + table.name):
+        if table is not None and not table.closed and _core.segment_exists(table.name):
             return table
     return None
 
@@ -195,36 +204,41 @@ def _normalise(name: str) -> str:
     return name if name.startswith("/") else "/" + name
 
 
+def _this_users_tables() -> list[tuple[str, bool, str | None]]:
+    """(name, whether its creator is alive, what is damaged or None) of each table of this
+    user, sorted by name.
+
+    The one scan behind :func:`cleanup_stale` and :func:`live_tables`. A creator is alive
+    only if its pid runs with the same start time as recorded in the header, so a reused
+    pid does not keep a stale table alive. Segments that are unreadable, not tables, or
+    made in another pid namespace (a container sharing the segments: its creator's pid
+    means nothing here) are left out: not ours to judge.
+    """
+    found = []
+    for name in _core.list_segments(_prefix()):
+        try:
+            pid, start, same_namespace, damage = _core.segment_creator(name)
+        except (OSError, TableError):
+            continue
+        if not same_namespace:
+            continue
+        state, actual_start = _core.proc_identity(pid)
+        found.append((name, state == "alive" and actual_start == start, damage))
+    return found
+
+
 def cleanup_stale() -> list[str]:
     """Remove this user's tables whose creator has died without removing them.
 
-    A creator is alive only if its pid runs with the same start time as recorded in the
-    header, so a reused pid does not keep a stale table. A damaged table of this user (resized,
-    wrong mode or layout version) whose creator is dead is removed too; tables of other users
-    and files that are not tables are left alone. Returns the names removed.
+    A damaged table of this user (resized, wrong mode or layout version) whose creator is
+    dead is removed too. Returns the names removed.
     """
     removed = []
-    try:
-        entries = os.listdir(SHM_DIR)
-    except OSError:
-        return removed
-    uid = os.getuid()
-    for entry in entries:
-        if not entry.startswith(_prefix()):
-            continue
-        try:
-            if os.stat(os.path.join(SHM_DIR, entry)).st_uid != uid:
-                continue
-            pid, start, same_namespace, _damage = _core.segment_creator("/" + entry)
-        except (OSError, TableError):
-            continue  # not ours to judge: unreadable, another user's, or not a table
-        if not same_namespace:
-            continue  # its creator's pid means nothing here (a container sharing /dev/shm)
-        state, actual_start = _core.proc_identity(pid)
-        if state != "alive" or actual_start != start:
+    for name, alive, _damage in _this_users_tables():
+        if not alive:
             try:
-                _core.unlink_segment("/" + entry)
-                removed.append("/" + entry)
+                _core.unlink_segment(name)
+                removed.append(name)
             except OSError:
                 pass
     return removed
@@ -235,24 +249,7 @@ def live_tables() -> list[str]:
 
     Only tables that a reader can attach: owned by this user, a regular file of mode 0600,
     and undamaged (a header that matches the file's size and this layout version)."""
-    found = []
-    try:
-        entries = sorted(os.listdir(SHM_DIR))
-    except OSError:
-        return found
-    for entry in entries:
-        if not entry.startswith(_prefix()):
-            continue
-        try:
-            pid, start, same_namespace, damage = _core.segment_creator("/" + entry)
-        except (OSError, TableError):
-            continue
-        if not same_namespace or damage is not None:
-            continue
-        state, actual = _core.proc_identity(pid)
-        if state == "alive" and actual == start:
-            found.append("/" + entry)
-    return found
+    return [name for name, alive, damage in _this_users_tables() if alive and damage is None]
 
 
 # --------------------------------------------------------------------------------------

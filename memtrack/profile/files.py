@@ -6,6 +6,7 @@ import math
 import os
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,14 +49,26 @@ class Profile:
     processes: list[dict[str, Any]] = field(default_factory=list)
 
 
+def combine(parts: Iterable[Any]) -> PhaseSummary:
+    """One PhaseSummary of several of the same path (from processes, workers or runs):
+    counts, times and retained memory add up, peaks take the largest. The one definition
+    of how phase summaries aggregate in Python (the C core keeps its own as phases end)."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("no phase summaries to combine")
+    count = sum(p.count for p in parts)
+    total_rss_delta = sum(p.total_rss_delta for p in parts)
+    return PhaseSummary((count, sum(p.total_time for p in parts),
+                         max(p.max_peak_rss for p in parts), max(p.max_peak_delta for p in parts),
+                         total_rss_delta, total_rss_delta / count if count else 0.0))
+
+
 def summarise(records: list[PhaseStats]) -> PhaseSummary:
     """The PhaseSummary of some PhaseStats of one path (the aggregate summary() keeps)."""
     if not records:
         raise ValueError("no phase records to summarise")
-    total_rss_delta = sum(r.rss_delta for r in records)
-    return PhaseSummary((len(records), sum(r.duration for r in records),
-                         max(r.peak_rss for r in records), max(r.peak_delta for r in records),
-                         total_rss_delta, total_rss_delta / len(records)))
+    return combine(PhaseSummary((1, r.duration, r.peak_rss, r.peak_delta, r.rss_delta,
+                                 float(r.rss_delta))) for r in records)
 
 
 def summarise_by_path(records: list[PhaseStats]) -> dict[str, PhaseSummary]:
@@ -64,6 +77,19 @@ def summarise_by_path(records: list[PhaseStats]) -> dict[str, PhaseSummary]:
     for r in records:
         grouped.setdefault(r.path, []).append(r)
     return {path: summarise(rs) for path, rs in grouped.items()}
+
+
+def summary_fields(s: PhaseSummary) -> dict[str, Any]:
+    """A PhaseSummary as the fields a profile stores of it (docs/format.md): the one
+    PhaseSummary -> dict, for summary records and a worker's per-phase summaries."""
+    return {"count": s.count, "total_time": s.total_time, "max_peak_rss": s.max_peak_rss,
+            "max_peak_delta": s.max_peak_delta, "total_rss_delta": s.total_rss_delta}
+
+
+def summary_records(summary: dict[str, PhaseSummary]) -> list[dict[str, Any]]:
+    """The summary records of a profile, one per path, sorted by path."""
+    return [{"t": "summary", "path": path, **summary_fields(s)}
+            for path, s in sorted(summary.items())]
 
 
 def _header(kind: str) -> dict[str, Any]:
@@ -99,12 +125,7 @@ def dump(path: str | os.PathLike[str]) -> None:
     records, dropped = _core.pack_phase_records()
     header = _header("phases")
     header["records_dropped"] = dropped
-    summary = [
-        {"t": "summary", "path": p, "count": s.count, "total_time": s.total_time,
-         "max_peak_rss": s.max_peak_rss, "max_peak_delta": s.max_peak_delta,
-         "total_rss_delta": s.total_rss_delta}
-        for p, s in sorted(_core.summary().items())
-    ]
+    summary = summary_records(_core.summary())
     _write_atomically(path, [_core.pack(header), records, *map(_core.pack, summary),
                              _core.pack({"t": "end"})])
 

@@ -34,7 +34,7 @@ from .._series import evenly_spaced
 from .._sizes import format_size, parse_size
 from .._trend import kendall_tau, mann_kendall_z, theil_sen
 from ..sizing import _check_count, _check_headroom
-from .files import summarise_by_path
+from .files import PhaseSummary, combine, summarise_by_path
 
 __all__ = ["Insight", "Run", "SEVERITIES", "digest", "insights"]
 
@@ -715,11 +715,11 @@ def _phase_rows(records, profile, *, summary: bool = True) -> list[PhaseRow]:
             rows[path] = PhaseRow(path, count, total_time, max_peak_rss, max_peak_delta,
                                   total_rss_delta, 1)
             return
-        row.count += count
-        row.total_time += total_time
-        row.max_peak_rss = max(row.max_peak_rss, max_peak_rss)
-        row.max_peak_delta = max(row.max_peak_delta, max_peak_delta)
-        row.total_rss_delta += total_rss_delta
+        merged = combine([row, PhaseSummary((count, total_time, max_peak_rss, max_peak_delta,
+                                             total_rss_delta, 0.0))])
+        row.count, row.total_time, row.total_rss_delta = (
+            merged.count, merged.total_time, merged.total_rss_delta)
+        row.max_peak_rss, row.max_peak_delta = merged.max_peak_rss, merged.max_peak_delta
         row.processes += 1
 
     for w in records:

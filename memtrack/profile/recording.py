@@ -16,8 +16,8 @@ import warnings
 from typing import Any
 
 from .. import _core
-from ..pool.table import TableError, WorkerTable, _latest_open_table
-from .files import _header, summarise_by_path
+from ..pool.table import TableError, WorkerTable, _latest_open_table, valid_interval
+from .files import _header, summarise_by_path, summary_fields, summary_records
 
 ENV_PROFILE = "MEMTRACK_PROFILE"
 ENV_INTERVAL = "MEMTRACK_INTERVAL"
@@ -33,8 +33,9 @@ def default_interval() -> float:
         value = float(text)
     except ValueError:
         raise ValueError(f"{ENV_INTERVAL}={text!r} is not a number of seconds") from None
-    if not 0.001 <= value <= 3600:
-        raise ValueError(f"{ENV_INTERVAL}={text!r} must be between 0.001 and 3600 seconds")
+    if not valid_interval(value):
+        raise ValueError(f"{ENV_INTERVAL}={text!r} must be between "
+                         f"{_core.MIN_INTERVAL:g} and {_core.MAX_INTERVAL:g} seconds")
     return value
 
 
@@ -55,18 +56,8 @@ def _worker_record(w: _core.WorkerStats, role: str | None = None) -> dict[str, A
         "rss": w.rss, "peak_rss": w.peak_rss, "uss": w.uss, "pss": w.pss, "phase": w.phase,
         "exit_code": w.exit_code, "exit_signal": w.exit_signal, "joined": w.joined,
         "updated": w.updated, "error": w.error,
-        "phases": {path: {"count": s.count, "total_time": s.total_time,
-                          "max_peak_rss": s.max_peak_rss, "max_peak_delta": s.max_peak_delta,
-                          "total_rss_delta": s.total_rss_delta}
-                   for path, s in (w.phases or {}).items()},
+        "phases": {path: summary_fields(s) for path, s in (w.phases or {}).items()},
     }
-
-
-def _phase_record(s: _core.PhaseStats) -> dict[str, Any]:
-    return {"t": "phase", "name": s.name, "path": s.path, "pid": s.pid, "thread_id": s.thread_id,
-            "start": s.start, "duration": s.duration, "rss_start": s.rss_start,
-            "rss_end": s.rss_end, "peak_rss": s.peak_rss, "heap_delta": s.heap_delta,
-            "error": s.error}
 
 
 class record:
@@ -89,8 +80,9 @@ class record:
                  pss_every: int = 1, command: list[str] | None = None) -> None:
         self.path = os.fspath(path)
         self.interval = default_interval() if interval is None else float(interval)
-        if not 0.001 <= self.interval <= 3600:
-            raise ValueError(f"interval must be between 0.001 and 3600 seconds, not {interval!r}")
+        if not valid_interval(self.interval):
+            raise ValueError(f"interval must be between {_core.MIN_INTERVAL:g} and "
+                             f"{_core.MAX_INTERVAL:g} seconds, not {interval!r}")
         if isinstance(pss_every, bool) or not isinstance(pss_every, int) or pss_every < 1:
             raise ValueError(f"pss_every must be a positive int, not {pss_every!r}")
         self.table = table
@@ -161,25 +153,24 @@ class record:
                 return dict(self.status or {})
             try:
                 self.status = rec.stop()
-                tail = []
+                workers = []
                 if self.table is not None and not self.table.closed:
                     roles = self.status.get("roles") or {}
                     try:
-                        tail += [_worker_record(w, roles.get(w.pid))
-                                 for w in self.table.workers(check=True)]
+                        workers = [_worker_record(w, roles.get(w.pid))
+                                   for w in self.table.workers(check=True)]
                     except TableError:
                         pass  # damaged under us (resized, rewritten): no summaries to trust
-                # Only the phases of the recording's own span, and their summary.
+                # Only the phases of the recording's own span, and their summary. (Two
+                # snapshots of the ring: a phase another thread ends between them is in
+                # one only, as it would be a moment later in neither.)
+                phases, _dropped = _core.pack_phase_records(since=self._started)
                 own = [s for s in _core.records()[0] if s.start >= self._started]
-                tail += [_phase_record(s) for s in own]
-                for path, s in sorted(summarise_by_path(own).items()):
-                    tail.append({"t": "summary", "path": path, "count": s.count,
-                                 "total_time": s.total_time, "max_peak_rss": s.max_peak_rss,
-                                 "max_peak_delta": s.max_peak_delta,
-                                 "total_rss_delta": s.total_rss_delta})
-                tail.append({"t": "end", "time": time.monotonic(),
-                             "samples": self.status["samples"]})
-                os.write(self._fd, b"".join(_core.pack(r) for r in tail))
+                tail = [*summary_records(summarise_by_path(own)),
+                        {"t": "end", "time": time.monotonic(),
+                         "samples": self.status["samples"]}]
+                os.write(self._fd, b"".join([*map(_core.pack, workers), phases,
+                                             *map(_core.pack, tail)]))
             finally:
                 os.close(self._fd)
                 self._fd = -1

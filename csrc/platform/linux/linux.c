@@ -464,6 +464,8 @@ mt_os_memory_limit(mt_memory_limit *m, mt_oserr *e)
 /* ------------------------------------------------------------------------ */
 /* Shared segments and other processes (the worker table).                   */
 
+#include <dirent.h>
+#include <limits.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -658,6 +660,44 @@ mt_os_shm_unlink(const char *name, mt_oserr *e)
         return mt_fail(e, "shm_unlink", name, errno);
     }
     return 0;
+}
+
+/* POSIX shared memory on Linux is a tmpfs mounted here; shm_open(3) maps
+ * "/name" to SHM_DIR "/name". */
+#define SHM_DIR "/dev/shm"
+
+int
+mt_os_shm_list(const char *prefix, mt_os_shm_fn fn, void *ctx, mt_oserr *e)
+{
+    DIR *d = opendir(SHM_DIR);
+    if (d == NULL) {
+        return mt_fail(e, "opendir", SHM_DIR, errno);
+    }
+    size_t plen = strlen(prefix);
+    uid_t uid = getuid();
+    struct dirent *ent;
+    int rc = 0;
+    while (rc == 0 && (ent = readdir(d)) != NULL) {
+        struct stat st;
+        if (strncmp(ent->d_name, prefix, plen) != 0 ||
+            fstatat(dirfd(d), ent->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0 ||
+            !S_ISREG(st.st_mode) || st.st_uid != uid) {
+            continue; /* gone since readdir, not a segment, or not this user's */
+        }
+        char name[NAME_MAX + 2];
+        snprintf(name, sizeof name, "/%s", ent->d_name);
+        rc = fn(ctx, name);
+    }
+    closedir(d);
+    return 0;
+}
+
+int
+mt_os_shm_exists(const char *name)
+{
+    char path[sizeof SHM_DIR + NAME_MAX + 2];
+    snprintf(path, sizeof path, "%s%s", SHM_DIR, name);
+    return access(path, F_OK) == 0;
 }
 
 int
