@@ -7,14 +7,14 @@ page, ``/metrics`` and ``/api/workers`` need not know where the numbers came fro
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..pool.table import SHM_DIR, TableError, WorkerTable
+from .. import _core
+from ..pool.table import TableError, WorkerTable
 
 #: The keys of a worker's phase summary, as ``WorkerStats.phases`` holds them.
 PHASE_KEYS = ("count", "total_time", "max_peak_rss", "max_peak_delta", "total_rss_delta")
@@ -98,7 +98,7 @@ class TableSource:
             if self._gone is None:
                 if self._table.closed:
                     self._gone = "the worker table was closed by its creator"
-                elif not os.path.exists(SHM_DIR + self.name):
+                elif not _core.segment_exists(self.name):
                     # The mapping stays readable after the unlink: keep what it says last.
                     self._gone = "the worker table was removed by its creator"
                     self._last = self._read_now()
