@@ -121,12 +121,12 @@ def _env_flag(name: str) -> bool:
 
 
 _core.set_disabled(_env_flag("MEMTRACK_DISABLE"))
-_table._register_process_hooks()
+_table.register_process_hooks()
 if not _env_flag("MEMTRACK_DISABLE"):
-    _table._join_from_environment()
+    _table.join_from_environment()
     from .profile import recording as _recording
 
-    _recording._record_from_environment()
+    _recording.record_from_environment()
 
 __all__ = [
     "Footprint",

@@ -99,7 +99,7 @@ class WorkerPlan:
 # --------------------------------------------------------------------------- validation
 
 
-def _check_count(name: str, value: Any, minimum: int) -> int:
+def check_count(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if value < minimum:
@@ -107,7 +107,7 @@ def _check_count(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-def _check_headroom(headroom: Any) -> Fraction:
+def check_headroom(headroom: Any) -> Fraction:
     """The headroom as an exact fraction of the decimal the caller wrote.
 
     ``Fraction(0.1)`` is a hair above 1/10, which would make 9 GB usable out of 10 GB
@@ -236,15 +236,15 @@ def build_plan(
     read_memory: Callable[[], SystemMemory],
     read_cpus: Callable[[], CpuLimit],
 ) -> WorkerPlan:
-    fraction_kept = 1 - _check_headroom(headroom)
-    _check_count("min_workers", min_workers, 1)
+    fraction_kept = 1 - check_headroom(headroom)
+    check_count("min_workers", min_workers, 1)
     if max_workers is not None:
-        _check_count("max_workers", max_workers, 1)
+        check_count("max_workers", max_workers, 1)
         if max_workers < min_workers:
             raise ValueError(
                 f"max_workers ({max_workers}) must be at least min_workers ({min_workers})")
     if cpus is not None:
-        _check_count("cpus", cpus, 1)
+        check_count("cpus", cpus, 1)
     if table is not None and profile is not None:
         raise ValueError("pass table= or profile=, not both")
 

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from .top import _find_table
+from .top import find_table
 
 if TYPE_CHECKING:
     from ..pool.table import WorkerTable
@@ -89,7 +89,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
 
         source = cluster_source(args.dask)
     else:
-        source = TableSource(_find_table(args.name))
+        source = TableSource(find_table(args.name))
     try:
         server = Server(source, args.address, public=args.public, token=_token(args),
                         interval=args.interval, window=args.window, verbose=args.verbose)

@@ -48,7 +48,7 @@ def render_frame(table: WorkerTable, *, width: int = 100, now: float | None = No
     return "\n".join(lines)
 
 
-def _find_table(name: str | None) -> str:
+def find_table(name: str | None) -> str:
     if name:
         return name
     tables = live_tables()
@@ -71,7 +71,7 @@ def add_top_arguments(parser: argparse.ArgumentParser) -> None:
 def run_top_command(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         raise ValueError(f"--interval must be positive, not {args.interval}")
-    table = WorkerTable.attach(_find_table(args.name))
+    table = WorkerTable.attach(find_table(args.name))
     try:
         if args.once or not sys.stdout.isatty():
             print(render_frame(table, width=shutil.get_terminal_size().columns))

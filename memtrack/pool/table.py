@@ -188,7 +188,7 @@ class WorkerTable:
 _open_tables: list[weakref.ref[WorkerTable]] = []
 
 
-def _latest_open_table() -> WorkerTable | None:
+def latest_open_table() -> WorkerTable | None:
     """The table this process created most recently and has not closed, if any."""
     _open_tables[:] = [r for r in _open_tables if r() is not None and not r().closed]
     for ref in reversed(_open_tables):
@@ -355,7 +355,7 @@ def _after_fork_in_child() -> None:
         info = _core.worker_info()
         _joined(index, info[0] if info else "(table)")
     elif os.environ.get(ENV_TABLE) and not _core.capabilities()["disabled"]:
-        _join_from_environment(in_forkserver=False)
+        join_from_environment(in_forkserver=False)
 
 
 def _in_forkserver() -> bool:
@@ -374,7 +374,7 @@ def _in_forkserver() -> bool:
         return True
 
 
-def _join_from_environment(*, in_forkserver: bool | None = None) -> None:
+def join_from_environment(*, in_forkserver: bool | None = None) -> None:
     name = os.environ.get(ENV_TABLE)
     if in_forkserver is None:
         in_forkserver = _in_forkserver()
@@ -390,7 +390,7 @@ def _join_from_environment(*, in_forkserver: bool | None = None) -> None:
         )
 
 
-def _register_process_hooks() -> None:
+def register_process_hooks() -> None:
     import multiprocessing.util as mp_util
 
     os.register_at_fork(after_in_child=_after_fork_in_child)

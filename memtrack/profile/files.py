@@ -92,7 +92,7 @@ def summary_records(summary: dict[str, PhaseSummary]) -> list[dict[str, Any]]:
             for path, s in sorted(summary.items())]
 
 
-def _header(kind: str) -> dict[str, Any]:
+def profile_header(kind: str) -> dict[str, Any]:
     return {
         "t": "header", "magic": MAGIC, "format": FORMAT_VERSION, "kind": kind,
         "memtrack": _core.__version__, "created": time.time(), "host": socket.gethostname(),
@@ -123,7 +123,7 @@ def _write_atomically(path: str | os.PathLike[str], chunks: list[bytes]) -> None
 def dump(path: str | os.PathLike[str]) -> None:
     """Write this process's phase records and summary to `path` as a msgpack profile."""
     records, dropped = _core.pack_phase_records()
-    header = _header("phases")
+    header = profile_header("phases")
     header["records_dropped"] = dropped
     summary = summary_records(_core.summary())
     _write_atomically(path, [_core.pack(header), records, *map(_core.pack, summary),

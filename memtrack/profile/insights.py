@@ -33,7 +33,7 @@ from typing import Any
 from .._series import evenly_spaced
 from .._sizes import format_size, parse_size
 from .._trend import kendall_tau, mann_kendall_z, theil_sen
-from ..sizing import _check_count, _check_headroom
+from ..sizing import check_count, check_headroom
 from .files import PhaseSummary, combine, summarise_by_path
 
 __all__ = ["Insight", "Run", "SEVERITIES", "digest", "insights"]
@@ -326,7 +326,7 @@ class Run:
     _times: dict[int, list[float]] = field(default_factory=dict)
 
 
-def _load(profile: Any) -> Any:
+def as_profile(profile: Any) -> Any:
     if isinstance(profile, (str, os.PathLike)):
         from .files import load
 
@@ -514,7 +514,7 @@ def _root_peak(pools, by_pid, roles) -> int | None:
 
 def digest(profile: Any) -> Run:
     """Reduce a profile (a :class:`memtrack.Profile` or a path) to a :class:`Run`."""
-    profile = _load(profile)
+    profile = as_profile(profile)
     header = dict(profile.header) if isinstance(profile.header, Mapping) else {}
     # Clean the timed records first: everything below trusts these.
     samples, skipped_samples = _clean_samples(profile.samples)
@@ -1253,13 +1253,14 @@ def insights(
     if available is not None:
         available = parse_size(available, what="available")
     if cpus is not None:
-        _check_count("cpus", cpus, 1)
-    _check_headroom(headroom)
-    profile = _load(profile)
-    return _find(digest(profile), profile, available=available, cpus=cpus, headroom=headroom)
+        check_count("cpus", cpus, 1)
+    check_headroom(headroom)
+    profile = as_profile(profile)
+    return find_insights(digest(profile), profile, available=available, cpus=cpus,
+                         headroom=headroom)
 
 
-def _find(run: Run, profile: Any, *, available: int | str | None = None,
+def find_insights(run: Run, profile: Any, *, available: int | str | None = None,
           cpus: int | None = None, headroom: float = 0.0) -> list[Insight]:
     """:func:`insights` on a profile already digested (the report digests once)."""
     found = [

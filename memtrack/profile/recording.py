@@ -16,8 +16,8 @@ import warnings
 from typing import Any
 
 from .. import _core
-from ..pool.table import TableError, WorkerTable, _latest_open_table, valid_interval
-from .files import _header, summarise_by_path, summary_fields, summary_records
+from ..pool.table import TableError, WorkerTable, latest_open_table, valid_interval
+from .files import profile_header, summarise_by_path, summary_fields, summary_records
 
 ENV_PROFILE = "MEMTRACK_PROFILE"
 ENV_INTERVAL = "MEMTRACK_INTERVAL"
@@ -107,9 +107,9 @@ class record:
         with self._lock:
             if self._recorder is not None:
                 raise RuntimeError("this recording is already running")
-            table = self.table if self.table is not None else _latest_open_table()
+            table = self.table if self.table is not None else latest_open_table()
             self.table = table
-            header = _header("recording")
+            header = profile_header("recording")
             limits, cpus = _limits()
             header.update(interval=self.interval, limits=limits, cpu_limit=cpus,
                           table=table.name if table else None, command=self.command,
@@ -180,7 +180,7 @@ class record:
 _env_recording: record | None = None
 
 
-def _record_from_environment() -> None:
+def record_from_environment() -> None:
     """``MEMTRACK_PROFILE=path``: record this process from import to exit."""
     global _env_recording
     path = os.environ.get(ENV_PROFILE)

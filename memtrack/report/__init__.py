@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any
 
-from ..profile.insights import _find, _load, digest
+from ..profile.insights import as_profile, digest, find_insights
 from .formats import SCHEMA_ID, render_csv, render_prometheus, report_data
 from .html import render_html
 from .text import render_text
@@ -34,11 +34,11 @@ def render(profile: Any, fmt: str = "text", *, name: str | None = None,
         raise ValueError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if name is None:
         name = os.fspath(profile) if isinstance(profile, (str, os.PathLike)) else "profile"
-    profile = _load(profile)
+    profile = as_profile(profile)
     run = digest(profile)
     if fmt == "csv":
         return render_csv(run)
-    found = _find(run, profile, **insight_options)
+    found = find_insights(run, profile, **insight_options)
     if fmt == "text":
         return render_text(run, found, name)
     if fmt == "json":

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import __version__
-from ..profile.insights import Insight, Run, _find, _load, digest
+from ..profile.insights import Insight, Run, as_profile, digest, find_insights
 
 #: The JSON report's schema identifier (bumped on an incompatible change).
 SCHEMA_ID = "memtrack-report/1"
@@ -35,9 +35,9 @@ def report_data(profile: Any, *, name: str | None = None,
                 found: list[Insight] | None = None, run: Run | None = None,
                 **insight_options: Any) -> dict[str, Any]:
     """The JSON report as a dict (schema ``memtrack/report.schema.json``)."""
-    profile = _load(profile)
+    profile = as_profile(profile)
     run = run or digest(profile)
-    found = found if found is not None else _find(run, profile, **insight_options)
+    found = found if found is not None else find_insights(run, profile, **insight_options)
     h = run.header
 
     def point(p: Any) -> dict[str, Any]:
@@ -114,7 +114,7 @@ def render_csv(run: Run) -> str:
 # --------------------------------------------------------------------------- Prometheus
 
 
-def _label(value: Any) -> str:
+def label_value(value: Any) -> str:
     text = "" if value is None else str(value)
     if "\\" in text or "\n" in text or '"' in text:
         return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
@@ -123,7 +123,7 @@ def _label(value: Any) -> str:
 
 def label_text(labels: dict[str, Any]) -> str:
     """``k="v",...`` with each value escaped: a label set rendered once, for reuse."""
-    return ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+    return ",".join(f'{k}="{label_value(v)}"' for k, v in labels.items())
 
 
 def _number(value: float | int) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
-from ..report.formats import _label, exposition, label_text
+from ..report.formats import exposition, label_text, label_value
 from .source import STATES, Reading
 
 Samples = list[tuple[dict[str, Any] | str, float | int]]
@@ -76,7 +76,7 @@ def render_metrics(reading: Reading, *, source_name: str, kind: str,
     readable = [w for w in workers if w["state"] != "corrupt"]
     # Each worker's label text is made once per scrape, not once per family.
     own = [label_text(labels(w)) for w in readable]
-    in_phase = [f'{base},phase="{_label(w["phase"] or "")}"'
+    in_phase = [f'{base},phase="{label_value(w["phase"] or "")}"'
                 for base, w in zip(own, readable, strict=True)]
 
     def per_worker(key: str, with_phase: bool = True) -> Samples:
@@ -103,7 +103,7 @@ def render_metrics(reading: Reading, *, source_name: str, kind: str,
             for text, w in zip(own, readable, strict=True)])
     family("memtrack_worker_phase_peak_rss_bytes", "gauge",
            "Peak resident memory of each worker in each phase.",
-           [(f'{text},phase="{_label(path)}"', s["max_peak_rss"])
+           [(f'{text},phase="{label_value(path)}"', s["max_peak_rss"])
             for text, w in zip(own, readable, strict=True)
             for path, s in sorted(w["phases"].items())])
 
