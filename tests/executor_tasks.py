@@ -4,7 +4,7 @@ import os
 import signal
 import time
 
-from pool_tasks import touch
+from pool_tasks import touch, wait_until_published
 
 import memtrack
 
@@ -71,7 +71,7 @@ def die_in_parse(mib):
     with memtrack.phase("index"):
         with memtrack.phase("parse"):
             buf = touch(mib * MB)
-            time.sleep(0.4)
+            wait_until_published(memtrack.rss())
             os.kill(os.getpid(), signal.SIGKILL)
             return len(buf)
 

@@ -27,12 +27,28 @@ def analyze(mib):
     return os.getpid()
 
 
+def wait_until_published(rss, timeout=60):
+    """Wait until this worker's slot shows an rss of at least `rss` (its heartbeat has
+    published it): an event, however loaded the machine, not a fixed sleep."""
+    name, slot = memtrack.worker_slot()
+    table = memtrack.WorkerTable.attach(name)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(w.slot == slot and w.rss >= rss for w in table.workers()):
+                return
+            time.sleep(0.01)
+        raise TimeoutError(f"the heartbeat did not publish rss {rss} in {timeout} s")
+    finally:
+        table.close()
+
+
 def die_in_parse(mib):
     """Grow `mib` MiB inside index/parse, then be killed by SIGKILL there."""
     with memtrack.phase("index"):
         with memtrack.phase("parse"):
             buf = touch(mib * MB)
-            time.sleep(0.3)  # let the heartbeat publish the growth
+            wait_until_published(memtrack.rss())
             os.kill(os.getpid(), signal.SIGKILL)
             return len(buf)
 

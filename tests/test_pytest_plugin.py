@@ -368,7 +368,7 @@ def test_a_spawned_pool_worker_over_worker_peak_fails_the_test(pytester, run):
 
 
 FIXTURE_TESTS = """
-    import os, subprocess, sys
+    import os, subprocess, sys, time
     import pytest
     from helpers import touch
 
@@ -398,12 +398,20 @@ FIXTURE_TESTS = """
                 buf = touch(48)
                 del buf
         keep.append(touch(12))
-        # a plain subprocess joins the test's table through the environment
-        code = ("import memtrack, time\\n"
+        # a plain subprocess joins the test's table through the environment; it holds its
+        # 30 MiB until the fixture's pool sampler has seen them (an event, not a window)
+        code = ("import memtrack, sys\\n"
                 "with memtrack.phase('child'):\\n"
                 "    b = bytearray(30 << 20); b[::4096] = b'x' * len(b[::4096])\\n"
-                "    time.sleep(0.3)\\n")
-        subprocess.run([sys.executable, "-c", code], check=True)
+                "    print('ready', flush=True); sys.stdin.readline()\\n")
+        child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline() == "ready\\n"
+        deadline = time.monotonic() + 60
+        while (memtrack.pool_peak or 0) <= 30 << 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        child.communicate("\\n")
+        assert child.returncode == 0
 
     def test_after():
         mib = 1024 * 1024

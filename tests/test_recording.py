@@ -1,5 +1,6 @@
 """memtrack.record: the timeline recorder, its records, and files cut short by SIGKILL."""
 
+import errno
 import multiprocessing as mp
 import os
 import signal
@@ -12,9 +13,10 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pool_tasks
 import pytest
-from conftest import MB, touch
+from conftest import MB, touch, wait_for
 
 import memtrack
+from memtrack import _core
 
 HERE = os.path.dirname(__file__)
 
@@ -173,10 +175,47 @@ def test_bad_arguments(tmp_path):
             r.start()
 
 
-def test_write_errors_surface_when_stopping(tmp_path):
+def test_a_header_that_cannot_be_written_fails_the_start(tmp_path):
     # /dev/full refuses every write with ENOSPC: the header write fails at once.
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as info:
         memtrack.record("/dev/full").start()
+    assert info.value.errno == errno.ENOSPC
+
+
+def test_the_sampling_threads_write_error_surfaces_when_stopping():
+    # The native thread's own writes fail (here every one, on /dev/full): the recorder
+    # keeps sampling, and stop() raises the first error, naming the call.
+    fd = os.open("/dev/full", os.O_WRONLY)
+    try:
+        rec = _core.Recorder(fd, 0.001)
+        rec.start()
+        wait_for(lambda: rec.status()["samples"] >= 3, what="three samples")
+        with pytest.raises(OSError) as info:
+            rec.stop()
+    finally:
+        os.close(fd)
+    assert info.value.errno == errno.ENOSPC and info.value.syscall == "write"
+
+
+def test_a_recording_that_fills_its_filesystem_says_so_when_it_stops(tmp_path):
+    # A real full filesystem: a 64 KiB tmpfs. The header fits, the samples do not.
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        rec = memtrack.record(mount / "run.mtp", interval=0.001)
+        rec.start()
+        wait_for(lambda: os.statvfs(mount).f_bavail == 0, what="the tmpfs to fill")
+        with pytest.raises(OSError) as info:
+            rec.stop()
+        assert info.value.errno == errno.ENOSPC
+        # what reached the disk is still a readable, if cut, profile
+        assert memtrack.load(mount / "run.mtp", partial=True).truncated
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_forked_child_does_not_touch_the_parents_recording(tmp_path):

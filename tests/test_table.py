@@ -155,7 +155,7 @@ def test_killed_child_of_ours_reports_its_signal():
         )
         p.stdout.readline()
         p.send_signal(signal.SIGKILL)
-        time.sleep(0.2)
+        os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)  # dead, and not reaped
         (w,) = table.workers()
         assert (w.state, w.exit_signal, w.phase) == ("killed", signal.SIGKILL, "stuck")
         assert "killed by SIGKILL" in memtrack.explain_broken_pool(table)
