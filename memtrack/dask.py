@@ -38,7 +38,7 @@ except ImportError as e:  # pragma: no cover - the test extra installs distribut
 
 from . import _core
 from .pool.table import ENV_TABLE, WorkerTable, init_worker, worker_slot
-from .profile.files import _header
+from .profile.files import profile_header
 from .serve.source import Reading, totals_of, worker_dict
 
 __all__ = ["MemtrackNannyPlugin", "MemtrackWorkerPlugin", "cluster_source", "collect",
@@ -343,7 +343,7 @@ class record:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("this recording is already running")
-        header = _header("recording")
+        header = profile_header("recording")
         header.update(interval=self.interval, started=time.monotonic(), table=None,
                       command=None, source="dask",
                       scheduler=str(self.client.scheduler.address))

@@ -390,6 +390,28 @@ mt_os_shm_unlink(const char *name, mt_oserr *e)
     return 0;
 }
 
+/* macOS's POSIX shared memory has no directory to list: no table can be
+ * found without its name (memtrack top then asks for the NAME). */
+int
+mt_os_shm_list(const char *prefix, mt_os_shm_fn fn, void *ctx, mt_oserr *e)
+{
+    (void)prefix;
+    (void)fn;
+    (void)ctx;
+    return mt_fail(e, "listing shared memory", NULL, ENOSYS);
+}
+
+int
+mt_os_shm_exists(const char *name)
+{
+    char short_name[SHM_NAME_MAX + 1];
+    int fd = shm_open(shm_name(name, short_name, sizeof short_name), O_RDONLY | O_CLOEXEC, 0);
+    if (fd >= 0) {
+        close(fd);
+    }
+    return fd >= 0 || errno == EACCES; /* EACCES: it is there, not ours to open */
+}
+
 uint32_t
 mt_os_uid(void)
 {

@@ -809,6 +809,34 @@ done:
     return rc;
 }
 
+/* Named sections cannot be listed through the Win32 API (only through the
+ * NT object directory): no table can be found without its name (memtrack
+ * top then asks for the NAME). */
+int
+mt_os_shm_list(const char *prefix, mt_os_shm_fn fn, void *ctx, mt_oserr *e)
+{
+    (void)prefix;
+    (void)fn;
+    (void)ctx;
+    return mt_fail(e, "listing sections", NULL, ENOSYS);
+}
+
+/* A section exists while any process holds a handle to it. */
+int
+mt_os_shm_exists(const char *name)
+{
+    wchar_t wname[256];
+    if (section_name(name, wname, sizeof wname / sizeof wname[0]) < 0) {
+        return 0;
+    }
+    HANDLE h = OpenFileMappingW(FILE_MAP_READ, FALSE, wname);
+    int found = h != NULL || GetLastError() == ERROR_ACCESS_DENIED;
+    if (h != NULL) {
+        CloseHandle(h);
+    }
+    return found;
+}
+
 int
 mt_os_shm_open(const char *name, int *fd, mt_file_info *info, mt_oserr *e)
 {
