@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
@@ -86,7 +85,10 @@ def test_a_killed_run_leaves_a_file_readable_to_its_last_chunk(tmp_path):
     """)
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     p.stdout.readline()
-    time.sleep(2.5)  # at least two chunk flushes (one a second)
+    # at least two chunk flushes (one a second) that hold 50 samples: wait for them on disk
+    wait_for(lambda: path.stat().st_size and
+             len(memtrack.load(path, partial=True).samples) >= 50, timeout=120,
+             what="50 samples flushed to the file")
     p.send_signal(signal.SIGKILL)
     p.wait()
     with pytest.raises(memtrack.ProfileError, match="no end record|truncated"):
@@ -100,8 +102,8 @@ def test_a_killed_run_leaves_a_file_readable_to_its_last_chunk(tmp_path):
 
 def test_a_file_cut_inside_a_record_reads_up_to_that_record(tmp_path):
     path = tmp_path / "cut.mtp"
-    with memtrack.record(path, interval=0.005):
-        time.sleep(0.2)
+    with memtrack.record(path, interval=0.005) as rec:
+        wait_for(lambda: rec.live_status()["samples"] >= 20, what="20 samples")
     data = path.read_bytes()
     whole = memtrack.load(path)
     cut = memtrack.profile.parse(data[: len(data) // 2], partial=True)

@@ -4,9 +4,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-from conftest import MB
+from conftest import MB, wait_for
 
 import memtrack
 
@@ -123,7 +122,10 @@ def test_ctrl_c_stops_the_command_and_still_writes_the_profile(tmp_path):
         text=True,
         start_new_session=True,
     )
-    time.sleep(1.0)
+    # interrupt once more than 10 samples reached the file (an event, not a 1 s window)
+    wait_for(lambda: out.exists() and out.stat().st_size
+             and len(memtrack.load(out, partial=True).samples) > 10, timeout=120,
+             what="11 samples in the profile")
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130
