@@ -138,10 +138,10 @@ def deaths(table: WorkerTable) -> list[Death]:
 def _oom_kills_since(table: WorkerTable) -> int:
     """OOM kills counted for the cgroup of the table's process since the table was made
     (or attached): its workers are in that cgroup unless something moved them."""
-    from .table import _oom_counters
+    from .table import oom_counters
 
     before = dict(getattr(table, "oom_baseline", None) or ())
-    for file, now in _oom_counters():
+    for file, now in oom_counters():
         if file in before and now > before[file]:
             return now - before[file]
     return 0

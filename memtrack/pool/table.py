@@ -95,7 +95,7 @@ class WorkerTable:
         self._owner = True
         #: The kernel's OOM-kill counters when the table was made (this process's cgroup's,
         #: and the host's): forensics.deaths() tells an OOM kill from them.
-        self.oom_baseline = _oom_counters()
+        self.oom_baseline = oom_counters()
         self._finalizer = weakref.finalize(self, self._segment.close)
         _open_tables.append(weakref.ref(self))
 
@@ -105,7 +105,7 @@ class WorkerTable:
         table = cls.__new__(cls)
         table._segment = _core.Segment(_normalise(name))
         table._owner = False
-        table.oom_baseline = _oom_counters()
+        table.oom_baseline = oom_counters()
         table._finalizer = weakref.finalize(table, table._segment.close)
         return table
 
@@ -401,7 +401,7 @@ def register_process_hooks() -> None:
     atexit.register(_core.leave)
 
 
-def _oom_counters() -> list[tuple[str, int]]:
+def oom_counters() -> list[tuple[str, int]]:
     """The OOM-kill counter of this process's memory cgroup now (cgroup v2, v1, else the
     host's /proc/vmstat when neither is readable), as [(file, kills)], or []."""
     own = _core.oom_kills(0)
