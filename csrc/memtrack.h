@@ -144,6 +144,61 @@ PyObject *mt_pack_phase_records(PyObject *module, PyObject *args, PyObject *kwar
 PyObject *mt_phase_counters(PyObject *module, PyObject *unused);
 PyObject *mt_phase_summary_new(mt_state *st, const mt_phase_totals *t);
 
+/* Path of the calling thread's innermost open phase as an id (0: none);
+ * reads only the thread's own stack, no lock (alloc.c calls it in hooks). */
+uint32_t mt_phase_current_path_id(void);
+/* The path of an id from mt_phase_current_path_id(); the string is never
+ * freed. Takes phase_lock. */
+const char *mt_phase_path_of(uint32_t id);
+
+/* ------------------------------------------------------------------------ */
+/* alloc.c: allocation attribution (PEP 445 hooks, sampling by bytes).       */
+
+#define MT_ALLOC_MAX_FRAMES 64
+
+enum { MT_ALLOC_THREAD_NEW = 0, MT_ALLOC_THREAD_LISTED = 1, MT_ALLOC_THREAD_ENDED = 2 };
+
+/* One thread's allocation state. Its own thread writes it; bytes and count
+ * are atomics (relaxed loads and stores, no read-modify-write) so that
+ * counters() can read them from another thread. prev/next: Protected by
+ * alloc.c's threads_lock. */
+typedef struct mt_alloc_thread {
+    _Atomic uint64_t bytes, count; /* exact: every accounted allocation */
+    int64_t countdown;             /* bytes left before the next sample */
+    uint64_t rng;
+    uint64_t ordinal;
+    unsigned long ident;
+    unsigned gen;
+    int guard; /* memtrack is allocating: the hooks only forward */
+    int state; /* MT_ALLOC_THREAD_* */
+    struct mt_alloc_thread *prev, *next;
+} mt_alloc_thread;
+
+extern _Thread_local mt_alloc_thread mt_alloc_tls;
+/* 0 while tracking is off, else a number that changes with every start(). */
+extern atomic_uint mt_alloc_session;
+extern mtx_t mt_alloc_sample_lock;
+
+/* What a phase reads at enter and exit: this thread's exact counters. */
+static inline void
+mt_alloc_thread_counts(uint64_t *bytes, uint64_t *count)
+{
+    *bytes = atomic_load_explicit(&mt_alloc_tls.bytes, memory_order_relaxed);
+    *count = atomic_load_explicit(&mt_alloc_tls.count, memory_order_relaxed);
+}
+
+int mt_alloc_init(void);
+void mt_alloc_before_fork(void);
+void mt_alloc_after_fork_parent(void);
+void mt_alloc_after_fork_child(void);
+PyObject *mt_alloc_start(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *mt_alloc_stop(PyObject *module, PyObject *unused);
+PyObject *mt_alloc_clear(PyObject *module, PyObject *unused);
+PyObject *mt_alloc_counters(PyObject *module, PyObject *unused);
+PyObject *mt_alloc_sites(PyObject *module, PyObject *unused);
+PyObject *mt_alloc_install_numpy(PyObject *module, PyObject *capsule);
+PyObject *mt_alloc_uninstall_numpy(PyObject *module, PyObject *unused);
+
 /* ------------------------------------------------------------------------ */
 /* table/: the worker table. worker.c (this process's slot) and reader.c. */
 

@@ -14,11 +14,13 @@ static void
 before_fork(void)
 {
     mtx_lock(&mt_phase_lock); /* fork with the phase state consistent */
+    mt_alloc_before_fork();
 }
 
 static void
 after_fork_parent(void)
 {
+    mt_alloc_after_fork_parent();
     mtx_unlock(&mt_phase_lock);
 }
 
@@ -26,6 +28,7 @@ static void
 after_fork_child(void)
 {
     /* One thread, no GIL requirements: reset C state only. */
+    mt_alloc_after_fork_child();
     mtx_unlock(&mt_phase_lock);
     mt_os_after_fork_child();
     mt_peak_after_fork_child();
@@ -40,7 +43,7 @@ static mt_oserr process_init_error;
 static void
 init_process(void)
 {
-    if (mt_phase_init() < 0 || mt_worker_init() < 0) {
+    if (mt_phase_init() < 0 || mt_worker_init() < 0 || mt_alloc_init() < 0) {
         process_init_failed = 1;
         mt_fail(&process_init_error, "malloc", NULL, ENOMEM);
         return;
@@ -95,6 +98,9 @@ static PyStructSequence_Field phase_stats_fields[] = {
     {"peak_delta", "peak_rss - rss_start, bytes"},
     {"heap_delta", "change of malloc heap in use, bytes"},
     {"error", "name of the exception that ended the phase, or None"},
+    /* by name only (the tuple keeps its 13 items): */
+    {"allocated", "bytes the thread allocated in the phase (allocation tracking on), or None"},
+    {"allocations", "allocations the thread made in the phase (tracking on), or None"},
     {NULL, NULL},
 };
 
@@ -105,6 +111,9 @@ static PyStructSequence_Field phase_summary_fields[] = {
     {"max_peak_delta", "largest peak_delta, bytes"},
     {"total_rss_delta", "rss_delta summed, bytes"},
     {"mean_rss_delta", "total_rss_delta / count, bytes"},
+    /* by name only (the tuple keeps its 6 items): */
+    {"total_allocated", "allocated summed over the runs tracked, bytes, or None"},
+    {"total_allocations", "allocations summed over the runs tracked, or None"},
     {NULL, NULL},
 };
 
@@ -171,6 +180,20 @@ mt_trim(PyObject *module, PyObject *unused)
 }
 
 static PyMethodDef module_methods[] = {
+    {"alloc_start", (PyCFunction)(void (*)(void))mt_alloc_start, METH_VARARGS | METH_KEYWORDS,
+     "alloc_start(*, interval=524288, frames=16, seed=-1): install the allocation hooks."},
+    {"alloc_stop", mt_alloc_stop, METH_NOARGS,
+     "alloc_stop() -> bool: stop accounting; True when the hooks came out."},
+    {"alloc_clear", mt_alloc_clear, METH_NOARGS, "alloc_clear(): forget every sampled site."},
+    {"alloc_counters", mt_alloc_counters, METH_NOARGS,
+     "alloc_counters() -> dict: exact allocation counters and sampling state."},
+    {"alloc_sites", mt_alloc_sites, METH_NOARGS,
+     "alloc_sites() -> list of (phase path, frames, samples, bytes, count, live, live_samples, "
+     "overflow)."},
+    {"alloc_install_numpy", mt_alloc_install_numpy, METH_O,
+     "alloc_install_numpy(capsule) -> bool: hook numpy's data allocator in this context."},
+    {"alloc_uninstall_numpy", mt_alloc_uninstall_numpy, METH_NOARGS,
+     "alloc_uninstall_numpy() -> bool: put numpy's previous handler back."},
     {"trim", mt_trim, METH_NOARGS,
      "trim() -> bool: return free malloc heap to the OS (malloc_trim(0))."},
     {"rss", mt_rss, METH_NOARGS, "rss() -> int: resident set size in bytes (fast)."},
@@ -304,7 +327,8 @@ module_exec(PyObject *module)
         PyModule_AddIntConstant(module, "MAX_PATHS", MT_MAX_PATHS) < 0 ||
         PyModule_AddIntConstant(module, "MAX_CAPACITY", MAX_CAPACITY) < 0 ||
         add_float(module, "MIN_INTERVAL", MT_MIN_INTERVAL) < 0 ||
-        add_float(module, "MAX_INTERVAL", MT_MAX_INTERVAL) < 0) {
+        add_float(module, "MAX_INTERVAL", MT_MAX_INTERVAL) < 0 ||
+        PyModule_AddIntConstant(module, "ALLOC_MAX_FRAMES", MT_ALLOC_MAX_FRAMES) < 0) {
         return -1;
     }
     return 0;

@@ -30,6 +30,9 @@ typedef struct {
     size_t path_len;
     /* The summary of this path. */
     mt_phase_totals totals;
+    /* Allocations of the runs measured with allocation tracking on (not part
+     * of mt_phase_totals, whose layout the worker slot shares). */
+    uint64_t alloc_runs, total_allocated, total_allocations;
     /* Index of this path's entry in the worker slot, valid for slot_gen. */
     int slot_entry;
     uint32_t slot_gen;
@@ -43,6 +46,7 @@ typedef struct {
     double start, duration;
     uint64_t rss_start, rss_end, peak_rss;
     int64_t heap_delta;
+    uint64_t allocated, allocations; /* ALLOC_NOT_MEASURED unless tracked */
 } mt_record;
 
 typedef struct mt_frame {
@@ -58,6 +62,11 @@ typedef struct mt_frame {
     int orphaned;  /* exited by another thread: still on its entry thread's chain */
     int inherited; /* open in the parent when this process forked: not ours */
     int watch;     /* a PeakWatch: folded like a phase, never recorded */
+    /* Allocation counters of the entering thread at entry, when tracking
+     * was on (alloc_session != 0): the thread's own, read without a lock. */
+    unsigned alloc_session;
+    const mt_alloc_thread *alloc_thread;
+    uint64_t alloc_bytes0, alloc_count0;
 } mt_frame;
 
 typedef struct {
@@ -88,6 +97,8 @@ static atomic_bool phase_heap = false;
 
 /* heap_delta of a phase whose heap was not read (configure(phase_heap=False)). */
 #define HEAP_NOT_READ INT64_MIN
+/* allocated/allocations of a phase not tracked from enter to exit. */
+#define ALLOC_NOT_MEASURED UINT64_MAX
 
 static struct {
     mt_path *paths; /* paths[0] is the root, paths[1] "(overflow)" */
@@ -285,6 +296,26 @@ mt_phase_current_locked(char *buf, size_t size)
     snprintf(buf, size, "%s", path);
 }
 
+uint32_t
+mt_phase_current_path_id(void)
+{
+    for (const mt_frame *f = tls_top; f != NULL; f = f->parent) {
+        if (!f->orphaned) {
+            return f->path_id;
+        }
+    }
+    return ROOT_ID;
+}
+
+const char *
+mt_phase_path_of(uint32_t id)
+{
+    mtx_lock(&mt_phase_lock);
+    const char *path = id < ph.npaths ? ph.paths[id].path : "";
+    mtx_unlock(&mt_phase_lock);
+    return path;
+}
+
 static void
 link_locked(mt_frame *f)
 {
@@ -309,6 +340,11 @@ record_locked(const mt_record *r)
 {
     mt_path *p = &ph.paths[r->path_id];
     mt_phase_totals_add(&p->totals, r->duration, r->rss_start, r->rss_end, r->peak_rss);
+    if (r->allocated != ALLOC_NOT_MEASURED) {
+        p->alloc_runs++;
+        p->total_allocated += r->allocated;
+        p->total_allocations += r->allocations;
+    }
     ph.completed++;
 
     if (ph.ring == NULL && ph.ring_cap != 0) {
@@ -356,6 +392,7 @@ mt_phase_after_fork_child(void)
     for (uint32_t id = 0; id < ph.npaths; id++) {
         mt_path *p = &ph.paths[id];
         memset(&p->totals, 0, sizeof p->totals);
+        p->alloc_runs = p->total_allocated = p->total_allocations = 0;
     }
     ph.ring_head = ph.ring_count = 0;
     ph.dropped = 0;
@@ -444,6 +481,31 @@ read_heap(void)
 
 /* Start f (its path interned) at rss, just after a reset: into the registry
  * and this worker's slot. phase_lock held. */
+/* Allocation counters: the entering thread's own, read without a lock. */
+static inline void
+alloc_begin(mt_frame *f)
+{
+    f->alloc_session = atomic_load_explicit(&mt_alloc_session, memory_order_relaxed);
+    if (f->alloc_session != 0) {
+        f->alloc_thread = &mt_alloc_tls;
+        mt_alloc_thread_counts(&f->alloc_bytes0, &f->alloc_count0);
+    }
+}
+
+/* What f's thread allocated since alloc_begin, or ALLOC_NOT_MEASURED unless
+ * tracking ran (one session) all along and this is the entering thread. */
+static inline void
+alloc_span(const mt_frame *f, uint64_t *allocated, uint64_t *allocations)
+{
+    *allocated = *allocations = ALLOC_NOT_MEASURED;
+    if (f->alloc_session != 0 && f->alloc_thread == &mt_alloc_tls &&
+        f->alloc_session == atomic_load_explicit(&mt_alloc_session, memory_order_relaxed)) {
+        mt_alloc_thread_counts(allocated, allocations);
+        *allocated -= f->alloc_bytes0;
+        *allocations -= f->alloc_count0;
+    }
+}
+
 static void
 start_frame_locked(mt_frame *f, uint64_t rss)
 {
@@ -458,7 +520,7 @@ start_frame_locked(mt_frame *f, uint64_t rss)
  * self->record and this worker's slot. phase_lock held. */
 static void
 end_frame_locked(PhaseObject *self, uint64_t hwm, uint64_t rss, int ok, double end, int64_t heap,
-                 const char *error)
+                 const char *error, uint64_t allocated, uint64_t allocations)
 {
     mt_frame *f = &self->frame;
     mt_record *r = &self->record;
@@ -482,6 +544,8 @@ end_frame_locked(PhaseObject *self, uint64_t hwm, uint64_t rss, int ok, double e
         .heap_delta = (heap != HEAP_NOT_READ && f->heap_start != HEAP_NOT_READ)
                           ? heap - f->heap_start
                           : HEAP_NOT_READ,
+        .allocated = allocated,
+        .allocations = allocations,
     };
     record_locked(r);
     if (mt_worker_joined_locked()) {
@@ -556,6 +620,7 @@ phase_enter(PhaseObject *self, PyObject *unused)
     }
     f->heap_start = read_heap();
     f->start = mt_os_monotonic();
+    alloc_begin(f);
     tls_top = f;
     self->active = 1;
     self->done = 0;
@@ -617,13 +682,15 @@ phase_exit(PhaseObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(self);
         Py_RETURN_FALSE;
     }
+    uint64_t allocated, allocations;
+    alloc_span(f, &allocated, &allocations);
     double end = mt_os_monotonic();
     int64_t heap = f->heap_start != HEAP_NOT_READ ? read_heap() : HEAP_NOT_READ;
     const char *error = error_name(args, nargs);
 
     mtx_lock(&mt_phase_lock);
     rc = mt_peak_read_locked(&hwm, &rss, &e);
-    end_frame_locked(self, hwm, rss, rc == 0, end, heap, error);
+    end_frame_locked(self, hwm, rss, rc == 0, end, heap, error, allocated, allocations);
     mtx_unlock(&mt_phase_lock);
 
     int orphaned = pop_thread_chain(f) < 0;
@@ -685,6 +752,8 @@ phase_next(PhaseObject *self, PyObject *name)
     }
     double now = mt_os_monotonic();
     int64_t heap = read_heap();
+    uint64_t allocated, allocations;
+    alloc_span(f, &allocated, &allocations);
 
     mtx_lock(&mt_phase_lock);
     path_id = intern_locked(f->parent ? f->parent->path_id : ROOT_ID, f->depth,
@@ -694,7 +763,7 @@ phase_next(PhaseObject *self, PyObject *name)
     }
     else if ((rc = mt_peak_reset_locked(&lost, &rss, &e)) == 0) {
         /* The lost mark ends this phase, then every other open one gets it. */
-        end_frame_locked(self, lost, rss, 1, now, heap, NULL);
+        end_frame_locked(self, lost, rss, 1, now, heap, NULL, allocated, allocations);
         mt_phase_fold_locked(lost);
         f->path_id = path_id;
         start_frame_locked(f, rss);
@@ -716,6 +785,7 @@ phase_next(PhaseObject *self, PyObject *name)
     self->done = 1;
     f->heap_start = heap;
     f->start = now;
+    alloc_begin(f);
     return Py_NewRef(self);
 }
 
@@ -744,6 +814,10 @@ stats_from_record(PyTypeObject *tp, const mt_record *r, const char *name, const 
         PyLong_FromUnsignedLongLong(peak_delta),
         r->heap_delta == HEAP_NOT_READ ? Py_NewRef(Py_None) : PyLong_FromLongLong(r->heap_delta),
         error ? PyUnicode_DecodeUTF8(error, strlen(error), "replace") : Py_NewRef(Py_None),
+        r->allocated == ALLOC_NOT_MEASURED ? Py_NewRef(Py_None)
+                                           : PyLong_FromUnsignedLongLong(r->allocated),
+        r->allocations == ALLOC_NOT_MEASURED ? Py_NewRef(Py_None)
+                                             : PyLong_FromUnsignedLongLong(r->allocations),
     };
     int failed = 0;
     for (Py_ssize_t i = 0; i < (Py_ssize_t)(sizeof items / sizeof items[0]); i++) {
@@ -973,6 +1047,10 @@ mt_phase_summary_new(mt_state *st, const mt_phase_totals *t)
         bad |= items[j] == NULL;
         PyStructSequence_SET_ITEM(s, j, items[j] ? items[j] : Py_NewRef(Py_None));
     }
+    /* total_allocated, total_allocations (by name only): None here; summary()
+     * fills them in for the paths that allocation tracking measured. */
+    PyStructSequence_SET_ITEM(s, 6, Py_NewRef(Py_None));
+    PyStructSequence_SET_ITEM(s, 7, Py_NewRef(Py_None));
     if (bad) {
         Py_CLEAR(s);
     }
@@ -1005,6 +1083,23 @@ mt_summary(PyObject *module, PyObject *unused)
         const mt_path *p = &copy[i];
         PyObject *s = mt_phase_summary_new(st, &p->totals);
         PyObject *key = PyUnicode_DecodeUTF8(p->path, p->path_len, "replace");
+        if (s != NULL && p->alloc_runs) { /* by name only; None when untracked */
+            PyObject *bytes = PyLong_FromUnsignedLongLong(p->total_allocated);
+            PyObject *count = PyLong_FromUnsignedLongLong(p->total_allocations);
+            if (bytes == NULL || count == NULL) {
+                Py_XDECREF(bytes);
+                Py_XDECREF(count);
+                Py_CLEAR(s);
+            }
+            else {
+                PyObject *none6 = PyStructSequence_GET_ITEM(s, 6);
+                PyObject *none7 = PyStructSequence_GET_ITEM(s, 7);
+                PyStructSequence_SET_ITEM(s, 6, bytes);
+                PyStructSequence_SET_ITEM(s, 7, count);
+                Py_DECREF(none6);
+                Py_DECREF(none7);
+            }
+        }
         if (s == NULL || key == NULL || PyDict_SetItem(result, key, s) < 0) {
             Py_CLEAR(result);
         }
@@ -1068,6 +1163,7 @@ mt_reset(PyObject *module, PyObject *unused)
     for (uint32_t id = 0; id < ph.npaths; id++) {
         mt_path *p = &ph.paths[id];
         memset(&p->totals, 0, sizeof p->totals);
+        p->alloc_runs = p->total_allocated = p->total_allocations = 0;
     }
     ph.ring_head = ph.ring_count = 0;
     ph.dropped = 0;
@@ -1171,7 +1267,7 @@ mt_pack_phase_records(PyObject *module, PyObject *args, PyObject *kwargs)
         if (!(c->r.start >= since)) {
             continue;
         }
-        rc |= mt_pack_map(pk, 12);
+        rc |= mt_pack_map(pk, 14);
         rc |= mt_pack_key(pk, "t") | mt_pack_str(pk, "phase", 5);
         rc |= mt_pack_key(pk, "name") | mt_pack_str(pk, c->name, strlen(c->name));
         rc |= mt_pack_key(pk, "path") | mt_pack_str(pk, c->path, strlen(c->path));
@@ -1187,6 +1283,12 @@ mt_pack_phase_records(PyObject *module, PyObject *args, PyObject *kwargs)
             (c->r.heap_delta == HEAP_NOT_READ ? mt_pack_nil(pk) : mt_pack_i64(pk, c->r.heap_delta));
         rc |= mt_pack_key(pk, "error");
         rc |= c->error ? mt_pack_str(pk, c->error, strlen(c->error)) : mt_pack_nil(pk);
+        rc |= mt_pack_key(pk, "allocated") | (c->r.allocated == ALLOC_NOT_MEASURED
+                                                   ? mt_pack_nil(pk)
+                                                   : mt_pack_u64(pk, c->r.allocated));
+        rc |= mt_pack_key(pk, "allocations") | (c->r.allocations == ALLOC_NOT_MEASURED
+                                                     ? mt_pack_nil(pk)
+                                                     : mt_pack_u64(pk, c->r.allocations));
     }
     free(copy);
     if (rc != 0) {
