@@ -58,9 +58,14 @@ def combine(parts: Iterable[Any]) -> PhaseSummary:
         raise ValueError("no phase summaries to combine")
     count = sum(p.count for p in parts)
     total_rss_delta = sum(p.total_rss_delta for p in parts)
+    tracked = [p for p in parts if p.total_allocated is not None]
     return PhaseSummary((count, sum(p.total_time for p in parts),
                          max(p.max_peak_rss for p in parts), max(p.max_peak_delta for p in parts),
-                         total_rss_delta, total_rss_delta / count if count else 0.0))
+                         total_rss_delta, total_rss_delta / count if count else 0.0),
+                        {"total_allocated": sum(p.total_allocated for p in tracked)
+                         if tracked else None,
+                         "total_allocations": sum(p.total_allocations or 0 for p in tracked)
+                         if tracked else None})
 
 
 def summarise(records: list[PhaseStats]) -> PhaseSummary:
@@ -68,7 +73,9 @@ def summarise(records: list[PhaseStats]) -> PhaseSummary:
     if not records:
         raise ValueError("no phase records to summarise")
     return combine(PhaseSummary((1, r.duration, r.peak_rss, r.peak_delta, r.rss_delta,
-                                 float(r.rss_delta))) for r in records)
+                                 float(r.rss_delta)),
+                                {"total_allocated": r.allocated,
+                                 "total_allocations": r.allocations}) for r in records)
 
 
 def summarise_by_path(records: list[PhaseStats]) -> dict[str, PhaseSummary]:
@@ -83,7 +90,8 @@ def summary_fields(s: PhaseSummary) -> dict[str, Any]:
     """A PhaseSummary as the fields a profile stores of it (docs/format.md): the one
     PhaseSummary -> dict, for summary records and a worker's per-phase summaries."""
     return {"count": s.count, "total_time": s.total_time, "max_peak_rss": s.max_peak_rss,
-            "max_peak_delta": s.max_peak_delta, "total_rss_delta": s.total_rss_delta}
+            "max_peak_delta": s.max_peak_delta, "total_rss_delta": s.total_rss_delta,
+            "total_allocated": s.total_allocated, "total_allocations": s.total_allocations}
 
 
 def summary_records(summary: dict[str, PhaseSummary]) -> list[dict[str, Any]]:
@@ -152,7 +160,18 @@ def _phase_stats(r: dict[str, Any], where: str) -> PhaseStats:
     return PhaseStats((r["name"], r["path"], r["pid"], r["thread_id"], float(r["start"]),
                        float(r["duration"]), r["rss_start"], r["rss_end"],
                        r["rss_end"] - r["rss_start"], r["peak_rss"], peak_delta,
-                       heap, error))
+                       heap, error),
+                      {"allocated": _optional_count(r, "allocated", where),
+                       "allocations": _optional_count(r, "allocations", where)})
+
+
+def _optional_count(r: dict[str, Any], key: str, where: str) -> int | None:
+    """An unsigned int or nil; absent (files before allocation tracking) is nil."""
+    value = r.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise ProfileError(f"{where}: field {key!r} should be a non-negative int or nil, "
+                           f"found {value!r}")
+    return value
 
 
 def _phase_summary(r: dict[str, Any], where: str) -> PhaseSummary:
@@ -161,7 +180,9 @@ def _phase_summary(r: dict[str, Any], where: str) -> PhaseSummary:
         raise ProfileError(f"{where}: summary count must be at least 1, found {r['count']}")
     return PhaseSummary((r["count"], float(r["total_time"]), r["max_peak_rss"],
                          r["max_peak_delta"], r["total_rss_delta"],
-                         r["total_rss_delta"] / r["count"]))
+                         r["total_rss_delta"] / r["count"]),
+                        {"total_allocated": _optional_count(r, "total_allocated", where),
+                         "total_allocations": _optional_count(r, "total_allocations", where)})
 
 
 def parse(data: bytes, *, name: str = "<bytes>", partial: bool = False) -> Profile:
