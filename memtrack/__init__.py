@@ -42,6 +42,7 @@ from ._core import (  # noqa: E402
     snapshot,
     summary,
 )
+from . import _alloc  # noqa: E402
 from ._alloc import AllocationSite, Frame, allocations  # noqa: E402
 from ._phase import phase  # noqa: E402
 from ._sizes import format_size, parse_size  # noqa: E402
@@ -123,10 +124,10 @@ def _env_flag(name: str) -> bool:
 
 _core.set_disabled(_env_flag("MEMTRACK_DISABLE"))
 _table.register_process_hooks()
+_alloc._register_process_hooks()
 if not _env_flag("MEMTRACK_DISABLE"):
-    from . import _alloc
-
     _alloc._start_from_environment()
+    _alloc._share_from_environment()
     _table.join_from_environment()
     from .profile import recording as _recording
 

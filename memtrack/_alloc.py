@@ -115,7 +115,11 @@ def _frames(value: int | None) -> int:
 
 def start(interval: int | str | None = None, *, frames: int | None = None,
           seed: int | None = None, numpy: bool = True) -> bool:
-    """Start tracking allocations; returns False when memtrack is disabled.
+    """Start tracking allocations; True if this call started it.
+
+    False, and nothing changes, when memtrack is disabled (``MEMTRACK_DISABLE``) or
+    tracking is already running (``MEMTRACK_ALLOCATIONS=1`` started it at import, say):
+    the running tracking keeps its settings, so a worker's own ``start()`` never fails.
 
     `interval` is the mean number of bytes between samples (default 512 KiB, or
     ``MEMTRACK_ALLOC_INTERVAL``); `frames` the Python frames kept per sample (default 16,
@@ -129,6 +133,8 @@ def start(interval: int | str | None = None, *, frames: int | None = None,
     if _core.capabilities()["disabled"]:
         return False
     with _lock:
+        if _core.alloc_counters()["running"]:
+            return False
         _core.alloc_start(interval=size, frames=depth, seed=-1 if seed is None else seed)
         _state.update(interval=size, frames=depth)
         if numpy:
@@ -303,3 +309,166 @@ def _start_from_environment() -> None:
 
         warnings.warn(f"memtrack: {ENV_ALLOCATIONS} is set but allocations could not start: {e}",
                       RuntimeWarning, stacklevel=2)
+
+
+# -- the side channel: every worker's sites reach the parent's one profile ---------------
+#
+# A recording with allocations on (memtrack.record(..., allocations=True), or
+# memtrack run --allocations) creates a directory beside its file and names it in
+# MEMTRACK_ALLOC_DIR. Every memtrack-aware process that inherits it (forked, spawned,
+# forkserver's children, any subprocess) writes its own sites to <dir>/<pid>.sites from a
+# daemon thread, at most once a second and only when they changed, and once more when it
+# exits normally (atexit, and multiprocessing's finalizers, since pool workers leave
+# through os._exit). The recording reads the files when it stops. A worker that is killed
+# leaves the file of its last write: at most about a second of samples is lost.
+
+ENV_SITES_DIR = "MEMTRACK_ALLOC_DIR"
+WRITE_EVERY = 1.0
+SITES_SUFFIX = ".sites"
+
+
+def site_records() -> list[dict[str, Any]]:
+    """This process's sites as profile ``site`` records (docs/format.md)."""
+    return [{"t": "site", **s.to_dict()} for s in sites()]
+
+
+class _SiteWriter:
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.pid = os.getpid()
+        self.last: tuple[int, int] | None = None
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="memtrack-sites", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(WRITE_EVERY):
+            try:
+                self.flush()
+            except OSError:
+                return  # the recording ended and took its directory: nothing to say
+
+    def flush(self) -> None:
+        """Write this process's sites if they changed since the last write."""
+        with self.lock:
+            if os.getpid() != self.pid:
+                return
+            c = _core.alloc_counters()
+            key = (c["samples"], c["live_samples"])
+            if key == self.last or c["samples"] == 0:
+                return
+            from .pool.table import worker_slot
+
+            record = {"t": "sites", "pid": self.pid, "slot": worker_slot(),
+                      "sites": [s.to_dict() for s in sites()]}
+            path = os.path.join(self.directory, f"{self.pid}{SITES_SUFFIX}")
+            tmp = f"{path}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(_core.pack(record))
+            os.replace(tmp, path)
+            self.last = key
+
+    def final_flush(self) -> None:
+        self.stopped.set()
+        try:
+            self.flush()
+        except OSError:
+            pass
+
+
+_writer: _SiteWriter | None = None
+
+
+def _share_from_environment() -> None:
+    """Start the site writer when MEMTRACK_ALLOC_DIR names a recording's directory."""
+    global _writer
+    directory = os.environ.get(ENV_SITES_DIR)
+    if not directory or not os.path.isdir(directory):
+        _writer = None
+        return
+    from .pool.table import _in_forkserver
+
+    if _in_forkserver():
+        return  # it only forks workers: they write their own
+    _writer = _SiteWriter(directory)
+    _writer.start()
+
+
+def _final_flush() -> None:
+    if _writer is not None:
+        _writer.final_flush()
+
+
+class _AfterBootstrap:
+    """A weak-referenceable key for multiprocessing's after-fork registry."""
+
+
+_after_bootstrap = _AfterBootstrap()
+
+
+def _register_process_hooks() -> None:
+    import atexit
+    import multiprocessing.util as mp_util
+
+    os.register_at_fork(after_in_child=_share_from_environment)
+    # multiprocessing children leave through os._exit (no atexit), and clear the
+    # finalizer registry when they start: register the final write after that.
+    mp_util.register_after_fork(
+        _after_bootstrap, lambda _obj: mp_util.Finalize(None, _final_flush, exitpriority=-50))
+    atexit.register(_final_flush)
+
+
+def read_shared_sites(directory: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The ``site`` records the workers left in `directory`, and the problems found.
+
+    A file that cannot be read or is not what a worker writes is reported, not fatal:
+    one bad worker never costs the recording.
+    """
+    records: list[dict[str, Any]] = []
+    problems: list[str] = []
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return records, problems
+    for name in names:
+        if not name.endswith(SITES_SUFFIX):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            objects, _, error = _core.unpack_stream(data)
+            if error is not None or len(objects) != 1:
+                raise ValueError("not one complete msgpack object")
+            rec = objects[0]
+            if not isinstance(rec, dict) or rec.get("t") != "sites":
+                raise ValueError("not a sites record")
+            for d in rec["sites"]:
+                site = check_site(d, where=name)
+                records.append({"t": "site", **site.to_dict(), "slot": rec.get("slot")})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problems.append(f"{name}: {e}")
+    return records, problems
+
+
+def check_site(d: Any, *, where: str) -> AllocationSite:
+    """An AllocationSite from a ``site`` record, every field checked (ValueError)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: a site is not a map")
+    for key in ("pid", "samples", "allocated", "allocations", "retained", "retained_samples"):
+        v = d.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{where}: site field {key!r} should be a non-negative int, "
+                             f"found {v!r}")
+    if not isinstance(d.get("phase"), str):
+        raise ValueError(f"{where}: site field 'phase' should be str, found {d.get('phase')!r}")
+    frames = d.get("frames")
+    if not isinstance(frames, list) or not all(
+            isinstance(f, list) and len(f) == 3 and isinstance(f[0], str)
+            and isinstance(f[1], int) and not isinstance(f[1], bool) and isinstance(f[2], str)
+            for f in frames):
+        raise ValueError(f"{where}: site field 'frames' should be [[file, line, function], ...]")
+    return AllocationSite.from_dict(d)

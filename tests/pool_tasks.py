@@ -66,3 +66,15 @@ def grow_slowly(steps):
             keep.append(touch(20 * MB))
             time.sleep(0.15)
     return os.getpid()
+
+
+def allocate_in_phases(n):
+    """Allocation-tracking task: 20 MB in "load", 5 MB in "parse" (blocks of 10 000 bytes)."""
+    keep = []
+    with memtrack.phase("load"):
+        for _ in range(2000 * n):
+            keep.append(bytearray(10_000))
+    with memtrack.phase("parse"):
+        for _ in range(500 * n):
+            keep.append(bytearray(10_000))
+    return os.getpid()

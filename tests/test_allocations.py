@@ -217,7 +217,9 @@ def test_bad_options_are_refused_with_the_bad_value():
         memtrack.allocations(interval="nonsense")
     with pytest.raises(ValueError, match="seed"):
         memtrack.allocations.start(seed=-1)
-    memtrack.allocations.start()
+    assert memtrack.allocations.start() is True
+    assert memtrack.allocations.start(interval=1) is False  # running: its settings stay
+    assert memtrack.allocations.counters()["interval"] == 512 * KIB
     with pytest.raises(RuntimeError, match="already running"):
         _core.alloc_start()
 
@@ -318,6 +320,9 @@ def test_the_disable_switch_turns_tracking_off():
         assert not memtrack.allocations.running()
         assert memtrack.allocations.start() is False
         assert not memtrack.allocations.running()
+        with memtrack.phase("p") as p:
+            pass
+        assert p.stats is None  # phases are off too
         with memtrack.allocations():
             x = [bytearray(1000) for _ in range(1000)]
         assert memtrack.allocations.counters()["allocated"] == 0
@@ -358,3 +363,110 @@ def test_the_entry_points_do_not_leak():
         cycle()
     gc.collect()
     assert memtrack.rss() - before < 2 * 1024 * 1024
+
+
+# -- workers: every worker's sites reach the parent's one profile ---------------------------
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_a_recording_holds_every_workers_sites_under_any_start_method(tmp_path, method):
+    import multiprocessing as mp
+
+    from pool_tasks import allocate_in_phases
+
+    path = tmp_path / "pool.mtp"
+    memtrack.allocations.start(interval=64 * KIB, seed=21)
+    with memtrack.WorkerTable(capacity=8) as table:
+        with memtrack.record(path, table=table) as rec:
+            assert rec.sites_dir is not None  # tracking was on: the side channel is open
+            with mp.get_context(method).Pool(
+                    2, initializer=memtrack.init_worker, initargs=(table.name,)) as pool:
+                pids = set(pool.map(allocate_in_phases, [1, 1, 1, 1], chunksize=1))
+                pool.close()
+                pool.join()
+    memtrack.allocations.stop()
+    profile = memtrack.load(path)
+    assert profile.header["format"] == 2 and not profile.site_problems
+    # then each worker's sites are in the file, in the phases that allocated
+    by_worker = {}
+    for s in profile.sites:
+        if s.pid in pids:
+            by_worker.setdefault(s.pid, {}).setdefault(s.phase, 0)
+            by_worker[s.pid][s.phase] += s.allocated
+    assert set(by_worker) == pids
+    # 4 tasks of 20 MB in load and 5 MB in parse, shared by the workers
+    load = sum(w.get("load", 0) for w in by_worker.values())
+    parse = sum(w.get("parse", 0) for w in by_worker.values())
+    assert load == pytest.approx(80e6, rel=0.15)
+    assert parse == pytest.approx(20e6, rel=0.25)
+    # and the sites name the worker function
+    assert any(f.function == "allocate_in_phases" for s in profile.sites if s.pid in pids
+               for f in s.frames[:1])
+    # and the directory of the side channel is gone, the environment restored
+    assert not any(p.name.endswith(".sites") for p in tmp_path.iterdir())
+    assert "MEMTRACK_ALLOC_DIR" not in os.environ
+
+
+def test_dump_writes_this_processs_sites_and_load_reads_them_back(tmp_path):
+    with memtrack.allocations(interval=64 * KIB, seed=5):
+        with memtrack.phase("build"):
+            keep = make_blocks(1000, 10_000)
+    path = tmp_path / "p.mtp"
+    memtrack.dump(path)
+    profile = memtrack.load(path)
+    assert profile.header["allocations"] == {"interval": 64 * KIB, "frames": 16}
+    assert profile.sites == memtrack.allocations.sites()
+    assert profile.phases[-1].allocated == memtrack.records()[-1].allocated
+    assert profile.summary["build"].total_allocated >= 1000 * 10_000
+    del keep
+
+
+def test_a_format_1_profile_still_loads_without_sites():
+    from memtrack.profile import parse
+
+    data = b"".join(_core.pack(r) for r in [
+        {"t": "header", "magic": "memtrack", "format": 1},
+        {"t": "phase", "name": "a", "path": "a", "pid": 1, "thread_id": 2, "start": 0.0,
+         "duration": 1.0, "rss_start": 10, "rss_end": 20, "peak_rss": 30, "heap_delta": 0,
+         "error": None},
+        {"t": "summary", "path": "a", "count": 1, "total_time": 1.0, "max_peak_rss": 30,
+         "max_peak_delta": 20, "total_rss_delta": 10},
+        {"t": "end"}])
+    profile = parse(data)
+    assert profile.sites == []
+    assert profile.phases[0].allocated is None
+    assert profile.summary["a"].total_allocated is None
+
+
+def test_a_bad_site_record_is_a_profile_error():
+    from memtrack.profile import parse
+
+    data = b"".join(_core.pack(r) for r in [
+        {"t": "header", "magic": "memtrack", "format": 2},
+        {"t": "site", "phase": "", "pid": 1, "samples": "many", "allocated": 1,
+         "allocations": 1, "retained": 0, "retained_samples": 0, "frames": []},
+        {"t": "end"}])
+    with pytest.raises(memtrack.ProfileError, match="'samples' should be a non-negative int"):
+        parse(data)
+
+
+def test_memtrack_run_allocations_records_the_sites_of_a_child(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "run.mtp"
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import memtrack\n"
+        "keep = []\n"
+        "with memtrack.phase('work'):\n"
+        "    for _ in range(3000):\n"
+        "        keep.append(bytearray(10_000))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMTRACK_")}
+    subprocess.run([sys.executable, "-m", "memtrack", "run", "--quiet", "--allocations", "-o",
+                    str(path), "--", sys.executable, str(script)], check=True, env=env,
+                   timeout=120)
+    profile = memtrack.load(path)
+    work = [s for s in profile.sites if s.phase == "work"]
+    assert sum(s.allocated for s in work) == pytest.approx(30e6, rel=0.3)
+    assert work[0].frames[0].filename == str(script)

@@ -7,6 +7,7 @@ import pytest
 
 import memtrack
 from memtrack import _core
+from memtrack.profile import FORMAT_VERSION
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def profile_path(tmp_path):
 
 def test_round_trip_keeps_every_record_and_the_summary(profile_path):
     p = memtrack.load(profile_path)
-    assert p.header["magic"] == "memtrack" and p.header["format"] == 1
+    assert p.header["magic"] == "memtrack" and p.header["format"] == FORMAT_VERSION
     assert p.header["pid"] == os.getpid() and p.truncated is None
     assert list(p.phases) == list(memtrack.records())
     assert p.summary == memtrack.summary()

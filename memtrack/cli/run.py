@@ -37,6 +37,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     from .serve import add_address_arguments
 
     add_address_arguments(parser, option="--serve")
+    parser.add_argument("--allocations", action="store_true",
+                        help="track allocations in memtrack-aware children and record their "
+                             "sites (MEMTRACK_ALLOCATIONS=1 for them)")
     parser.add_argument("command", nargs=argparse.REMAINDER,
                         help="the command and its arguments, after --")
 
@@ -62,7 +65,8 @@ def _exit_code(returncode: int) -> int:
 
 def run_command(command: list[str], output: str, *, interval: float | None = None,
                 capacity: int = 256, quiet: bool = False, serve: str | None = None,
-                public: bool = False, token: str | None = None) -> int:
+                public: bool = False, token: str | None = None,
+                allocations: bool = False) -> int:
     """Run `command` under measurement; returns its exit code (128+N when killed by N)."""
     if command and command[0] == "--":
         command = command[1:]
@@ -76,7 +80,11 @@ def run_command(command: list[str], output: str, *, interval: float | None = Non
         env = {**os.environ, **table.environ()}
         env.pop("MEMTRACK_PROFILE", None)
         # Everything that can fail on bad options fails before the command starts.
-        rec = record(output, interval, table=table, command=command)
+        rec = record(output, interval, table=table, command=command,
+                     allocations=allocations)
+        if allocations:
+            rec.share_sites()
+            env.update(rec.allocation_environ())
         server = None
         if serve is not None:
             from .serve import start_for_run
@@ -90,6 +98,7 @@ def run_command(command: list[str], output: str, *, interval: float | None = Non
             found = isinstance(e, FileNotFoundError)
             print(f"memtrack run: {'command not found' if found else 'cannot execute'}: "
                   f"{command[0]}", file=sys.stderr)
+            rec.discard_sites()
             return 127 if found else 126
         interrupted = False
         done = threading.Event()
@@ -146,4 +155,4 @@ def _print_summary(output: str, interrupted: bool) -> None:
 def run_run_command(args: argparse.Namespace) -> int:
     return run_command(list(args.command), args.output, interval=args.interval,
                        capacity=args.capacity, quiet=args.quiet, serve=args.serve,
-                       public=args.public, token=args.token)
+                       public=args.public, token=args.token, allocations=args.allocations)

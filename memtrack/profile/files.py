@@ -11,13 +11,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _core
+from .._alloc import AllocationSite, check_site, site_records
 
 ProfileError = _core.ProfileError
 PhaseStats = _core.PhaseStats
 PhaseSummary = _core.PhaseSummary
 
 MAGIC = "memtrack"
-FORMAT_VERSION = 1
+#: 2: allocation tracking (``site`` records, ``allocated``/``allocations`` in phases and
+#: summaries). Format 1 files still load: they have no sites and None for those fields.
+FORMAT_VERSION = 2
 
 _PHASE_FIELDS = {
     "name": str, "path": str, "pid": int, "thread_id": int, "start": float, "duration": float,
@@ -47,6 +50,11 @@ class Profile:
     #: Final records of the processes that are not workers (role root, helper, other;
     #: docs/report.md "Roles"); `workers` holds the workers' (role worker, or none).
     processes: list[dict[str, Any]] = field(default_factory=list)
+    #: Sampled allocation sites (format 2) of the writing process and, for a recording
+    #: with allocations on, of every memtrack-aware worker: AllocationSite objects.
+    sites: list[AllocationSite] = field(default_factory=list)
+    #: Problems met while gathering the workers' sites (a recording), else empty.
+    site_problems: list[str] = field(default_factory=list)
 
 
 def combine(parts: Iterable[Any]) -> PhaseSummary:
@@ -134,8 +142,12 @@ def dump(path: str | os.PathLike[str]) -> None:
     header = profile_header("phases")
     header["records_dropped"] = dropped
     summary = summary_records(_core.summary())
+    sites = site_records()
+    if _core.alloc_counters()["samples"] or sites:
+        c = _core.alloc_counters()
+        header["allocations"] = {"interval": c["interval"], "frames": c["frames"]}
     _write_atomically(path, [_core.pack(header), records, *map(_core.pack, summary),
-                             _core.pack({"t": "end"})])
+                             *map(_core.pack, sites), _core.pack({"t": "end"})])
 
 
 def _check(record: dict[str, Any], fields: dict[str, type], where: str) -> None:
@@ -227,6 +239,15 @@ def parse(data: bytes, *, name: str = "<bytes>", partial: bool = False) -> Profi
             profile.events.append(record)
         elif kind == "pool":
             profile.pools.append(record)
+        elif kind == "site":
+            try:
+                profile.sites.append(check_site(record, where=where))
+            except ValueError as e:
+                raise ProfileError(str(e)) from None
+        elif kind == "site_problems":
+            problems = record.get("problems")
+            if isinstance(problems, list):
+                profile.site_problems += [str(p) for p in problems]
         elif kind == "end":
             ended = True
         else:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import os
+import shutil
+import tempfile
 import threading
 import time
 import warnings
 from typing import Any
 
-from .. import _core
+from .. import _alloc, _core
 from ..pool.table import TableError, WorkerTable, latest_open_table, valid_interval
 from .files import profile_header, summarise_by_path, summary_fields, summary_records
 
@@ -73,11 +75,19 @@ class record:
     `root_pid` every descendant of that process is sampled through ``/proc`` as well,
     memtrack-aware or not. At the end the file gets each worker's summary, this process's
     phases and summary, and an end record.
+
+    With `allocations` (default: when allocation tracking is running here at the start)
+    the file also gets the sampled allocation sites of this process and of every
+    memtrack-aware process started during the recording, whatever its start method: the
+    recording names a directory beside the file in ``MEMTRACK_ALLOC_DIR`` (and sets
+    ``MEMTRACK_ALLOCATIONS=1``, and this process's interval and frames) for its
+    children, which write their sites there (docs/allocations.md).
     """
 
     def __init__(self, path: str | os.PathLike[str], interval: float | None = None, *,
                  table: WorkerTable | None = None, root_pid: int | None = None,
-                 pss_every: int = 1, command: list[str] | None = None) -> None:
+                 pss_every: int = 1, command: list[str] | None = None,
+                 allocations: bool | None = None) -> None:
         self.path = os.fspath(path)
         self.interval = default_interval() if interval is None else float(interval)
         if not valid_interval(self.interval):
@@ -89,6 +99,11 @@ class record:
         self.root_pid = root_pid
         self.pss_every = pss_every
         self.command = command
+        if allocations is not None and not isinstance(allocations, bool):
+            raise TypeError(f"allocations must be True, False or None, not {allocations!r}")
+        self.allocations = allocations
+        self.sites_dir: str | None = None
+        self._saved_env: dict[str, str | None] = {}
         self.status: dict[str, Any] | None = None
         self._recorder: Any = None
         self._fd = -1
@@ -128,12 +143,65 @@ class record:
                                                 self_role="tool" if self.root_pid else "root")
                 self._started = header["started"]
                 self._owner_pid = os.getpid()
+                self.share_sites()
                 self._recorder.start()
             except BaseException:
                 self._recorder = None
                 os.close(fd)
                 raise
             self._fd = fd
+
+    def allocation_environ(self) -> dict[str, str]:
+        """What a child needs to track allocations and share its sites (empty when off)."""
+        if self.sites_dir is None:
+            return {}
+        env = {_alloc.ENV_ALLOCATIONS: "1", _alloc.ENV_SITES_DIR: self.sites_dir}
+        c = _core.alloc_counters()
+        if c["running"]:  # children sample like this process
+            env[_alloc.ENV_INTERVAL] = str(c["interval"])
+            env[_alloc.ENV_FRAMES] = str(c["frames"])
+        return env
+
+    def share_sites(self) -> None:
+        """Create the directory for the workers' sites (done by start(); call it earlier
+        when a child must be started before the recording, as ``memtrack run`` does)."""
+        if self.sites_dir is not None:
+            return
+        on = self.allocations
+        if on is None:
+            on = _core.alloc_counters()["running"]
+        if not on:
+            return
+        self.sites_dir = tempfile.mkdtemp(prefix=os.path.basename(self.path) + ".",
+                                          suffix=_alloc.SITES_SUFFIX,
+                                          dir=os.path.dirname(os.path.abspath(self.path)))
+        for key, value in self.allocation_environ().items():
+            self._saved_env[key] = os.environ.get(key)
+            os.environ[key] = value
+
+    def _gather_sites(self) -> list[dict[str, Any]]:
+        """This process's sites and those the workers left: ``site`` records."""
+        if self.sites_dir is None:
+            return []
+        records = _alloc.site_records()
+        shared, problems = _alloc.read_shared_sites(self.sites_dir)
+        records += [r for r in shared if r["pid"] != os.getpid()]
+        if problems:
+            records.append({"t": "site_problems", "problems": problems})
+        self.discard_sites()
+        return records
+
+    def discard_sites(self) -> None:
+        """Put the environment back and remove the sites directory."""
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved_env = {}
+        if self.sites_dir is not None:
+            shutil.rmtree(self.sites_dir, ignore_errors=True)
+            self.sites_dir = None
 
     def live_status(self) -> dict[str, Any]:
         """The latest pool figures from the sampling thread (for a status line)."""
@@ -166,7 +234,7 @@ class record:
                 # one only, as it would be a moment later in neither.)
                 phases, _dropped = _core.pack_phase_records(since=self._started)
                 own = [s for s in _core.records()[0] if s.start >= self._started]
-                tail = [*summary_records(summarise_by_path(own)),
+                tail = [*summary_records(summarise_by_path(own)), *self._gather_sites(),
                         {"t": "end", "time": time.monotonic(),
                          "samples": self.status["samples"]}]
                 os.write(self._fd, b"".join([*map(_core.pack, workers), phases,
