@@ -35,7 +35,7 @@
 #define LIVE_CAP (1u << 16)      /* pointer set slots (keys) */
 #define LIVE_MAX (LIVE_CAP / 4)  /* live sampled blocks tracked at most */
 #define FILTER_WORDS 1024u       /* 65536-bit filter in front of the set */
-#define FILTER_REBUILD 8192u     /* insertions between rebuilds of the filter */
+#define FILTER_REBUILD 2048u     /* insertions between rebuilds: the filter stays ~3% set */
 #define KEY_EMPTY ((uintptr_t)0)
 #define KEY_GONE ((uintptr_t)1)
 #define SITE_OTHER 0u /* site 0: samples that found the site table full */
@@ -98,7 +98,7 @@ static uint64_t retired_bytes, retired_count; /* threads that ended */
 static tss_t thread_key;
 static uint64_t thread_ordinal;
 
-_Thread_local mt_alloc_thread mt_alloc_tls;
+MT_TLS_FAST _Thread_local mt_alloc_thread mt_alloc_tls;
 atomic_uint mt_alloc_session; /* 0: off; else the number of the current start() */
 
 /* ------------------------------------------------------------------------ */
@@ -254,7 +254,7 @@ live_rebuild_locked(void)
         }
     }
     to->inserted = 0;
-    atomic_store_explicit(&al.live, to, memory_order_relaxed);
+    atomic_store_explicit(&al.live, to, memory_order_release);
     atomic_fetch_add_explicit(&al.live_gen, 1, memory_order_release); /* even */
 }
 
@@ -282,18 +282,13 @@ forget_locked(uintptr_t p)
  * found without a lock: the filter (8 KiB) says no for most pointers; else
  * the set is probed under a sequence count, and only a hit or a concurrent
  * rebuild takes sample_lock. */
-static inline void
-forget(void *ptr)
+static void __attribute__((noinline))
+forget_maybe(uintptr_t p, uint64_t h)
 {
-    if (ptr == NULL || atomic_load_explicit(&al.live_count, memory_order_relaxed) == 0) {
-        return;
-    }
-    uintptr_t p = (uintptr_t)ptr;
-    uint64_t h = ptr_hash(p);
     unsigned g = atomic_load_explicit(&al.live_gen, memory_order_acquire);
     if ((g & 1) == 0) {
-        mt_live_table *t = atomic_load_explicit(&al.live, memory_order_relaxed);
-        int64_t found = filter_has(t, h) ? live_find(t, p, h) : -1;
+        mt_live_table *t = atomic_load_explicit(&al.live, memory_order_acquire);
+        int64_t found = live_find(t, p, h);
         atomic_thread_fence(memory_order_acquire);
         if (found < 0 && atomic_load_explicit(&al.live_gen, memory_order_relaxed) == g) {
             return;
@@ -302,6 +297,28 @@ forget(void *ptr)
     mtx_lock(&mt_alloc_sample_lock);
     forget_locked(p);
     mtx_unlock(&mt_alloc_sample_lock);
+}
+
+/* Inlined in every free: most pointers leave at the filter. */
+static inline void
+forget(void *ptr)
+{
+    if (atomic_load_explicit(&al.live_count, memory_order_relaxed) == 0) {
+        return;
+    }
+    uintptr_t p = (uintptr_t)ptr;
+    uint64_t h = ptr_hash(p);
+    unsigned g = atomic_load_explicit(&al.live_gen, memory_order_acquire);
+    mt_live_table *t = atomic_load_explicit(&al.live, memory_order_acquire);
+    if ((g & 1) == 0 && !filter_has(t, h)) {
+        atomic_thread_fence(memory_order_acquire);
+        if (atomic_load_explicit(&al.live_gen, memory_order_relaxed) == g) {
+            return; /* not sampled (the table did not change under us) */
+        }
+    }
+    if (ptr != NULL) {
+        forget_maybe(p, h);
+    }
 }
 
 /* ------------------------------------------------------------------------ */
@@ -437,8 +454,9 @@ take_sample(mt_alloc_thread *t, size_t size, void *ptr)
     t->guard = 0;
 }
 
-/* The slow path of account(): a new thread, a new start(), or a sample. */
-static void
+/* The slow path of account(): a new thread, a new start(), or a sample. Out
+ * of line, so that the hot path keeps few registers to save. */
+static void __attribute__((noinline, cold))
 account_slow(mt_alloc_thread *t, size_t size, void *ptr)
 {
     if (t->state == MT_ALLOC_THREAD_NEW) {
@@ -456,9 +474,8 @@ account_slow(mt_alloc_thread *t, size_t size, void *ptr)
 }
 
 static inline void
-account(size_t size, void *ptr)
+account_in(mt_alloc_thread *t, size_t size, void *ptr)
 {
-    mt_alloc_thread *t = &mt_alloc_tls;
     if (t->guard || !atomic_load_explicit(&al.active, memory_order_relaxed)) {
         return;
     }
@@ -470,6 +487,12 @@ account(size_t size, void *ptr)
     if (t->countdown < 0) {
         account_slow(t, size, ptr);
     }
+}
+
+static inline void
+account(size_t size, void *ptr)
+{
+    account_in(&mt_alloc_tls, size, ptr);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -489,7 +512,7 @@ hook_malloc(void *ctx, size_t size)
     void *p = prev->malloc(prev->ctx, size);
     t->guard = guard;
     if (p != NULL) {
-        account(size, p);
+        account_in(t, size, p);
     }
     return p;
 }
@@ -504,26 +527,26 @@ hook_calloc(void *ctx, size_t nelem, size_t elsize)
     void *p = prev->calloc(prev->ctx, nelem, elsize);
     t->guard = guard;
     if (p != NULL) {
-        account(nelem * elsize, p); /* calloc checked the product */
+        account_in(t, nelem * elsize, p); /* calloc checked the product */
     }
     return p;
 }
 
-/* A realloc is a free of the old block and an allocation of the new size. */
+/* A realloc is a free of the old block and an allocation of the new size.
+ * Frees need no guard: a block that pymalloc passes on to the RAW domain is
+ * looked up twice, and found (if sampled) only once. */
 static void *
 hook_realloc(void *ctx, void *ptr, size_t size)
 {
     PyMemAllocatorEx *prev = ctx;
     mt_alloc_thread *t = &mt_alloc_tls;
+    forget(ptr);
     int guard = t->guard;
-    if (!guard) {
-        forget(ptr);
-    }
     t->guard = 1;
     void *p = prev->realloc(prev->ctx, ptr, size);
     t->guard = guard;
     if (p != NULL) {
-        account(size, p);
+        account_in(t, size, p);
     }
     return p;
 }
@@ -532,14 +555,8 @@ static void
 hook_free(void *ctx, void *ptr)
 {
     PyMemAllocatorEx *prev = ctx;
-    mt_alloc_thread *t = &mt_alloc_tls;
-    int guard = t->guard;
-    if (!guard) {
-        forget(ptr);
-    }
-    t->guard = 1;
+    forget(ptr);
     prev->free(prev->ctx, ptr);
-    t->guard = guard;
 }
 
 /* The RAW domain wraps the system allocator, which calls no other domain. */
@@ -569,9 +586,7 @@ static void *
 raw_realloc(void *ctx, void *ptr, size_t size)
 {
     PyMemAllocatorEx *prev = ctx;
-    if (!mt_alloc_tls.guard) {
-        forget(ptr);
-    }
+    forget(ptr);
     void *p = prev->realloc(prev->ctx, ptr, size);
     if (p != NULL) {
         account(size, p);
@@ -583,9 +598,7 @@ static void
 raw_free(void *ctx, void *ptr)
 {
     PyMemAllocatorEx *prev = ctx;
-    if (!mt_alloc_tls.guard) {
-        forget(ptr);
-    }
+    forget(ptr);
     prev->free(prev->ctx, ptr);
 }
 

@@ -174,7 +174,15 @@ typedef struct mt_alloc_thread {
     struct mt_alloc_thread *prev, *next;
 } mt_alloc_thread;
 
-extern _Thread_local mt_alloc_thread mt_alloc_tls;
+/* Every allocation reads this thread-local: the initial-exec model makes that
+ * one load from the thread pointer instead of a call to __tls_get_addr (it
+ * takes a few bytes of the static TLS that glibc keeps for loaded modules). */
+#if defined(__GNUC__)
+#define MT_TLS_FAST __attribute__((tls_model("initial-exec")))
+#else
+#define MT_TLS_FAST
+#endif
+extern MT_TLS_FAST _Thread_local mt_alloc_thread mt_alloc_tls;
 /* 0 while tracking is off, else a number that changes with every start(). */
 extern atomic_uint mt_alloc_session;
 extern mtx_t mt_alloc_sample_lock;
