@@ -229,8 +229,8 @@ def test_threads_allocating_at_once_are_sampled_safely():
     shared = []
     lock = threading.Lock()
 
-    def churn(seed):
-        for i in range(200):
+    def churn():
+        for _ in range(200):
             block = make_blocks(20, 4096)
             with lock:
                 shared.append(block)
@@ -238,7 +238,7 @@ def test_threads_allocating_at_once_are_sampled_safely():
                     shared.pop(0)
 
     with memtrack.allocations(interval=32 * KIB, seed=11):
-        threads = [threading.Thread(target=churn, args=(i,)) for i in range(8)]
+        threads = [threading.Thread(target=churn) for _ in range(8)]
         for t in threads:
             t.start()
         for t in threads:
@@ -334,7 +334,7 @@ def test_tracemalloc_on_top_keeps_working_and_stop_leaves_its_hooks_in():
         import tracemalloc, memtrack
         memtrack.allocations.start(seed=1)
         tracemalloc.start()
-        assert memtrack.allocations.stop() is True  # it was running; its hooks stay under tracemalloc's
+        assert memtrack.allocations.stop() is True  # its hooks stay under tracemalloc's
         x = [bytearray(1000) for _ in range(1000)]
         assert tracemalloc.get_traced_memory()[0] >= 1_000_000
         tracemalloc.stop()

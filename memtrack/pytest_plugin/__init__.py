@@ -51,6 +51,7 @@ from ..leaks import assert_no_growth as _assert_no_growth
 from ..pool.memory import PoolMemory
 from ..pool.table import ENV_TABLE, WorkerTable
 from ..profile import summarise_by_path
+from . import allocations as _allocations
 
 #: How often the pool's summed memory is sampled while a test with a table runs.
 POOL_INTERVAL = 0.02
@@ -65,6 +66,21 @@ RETAINED_CONFIRM = 1024 * 1024
 
 _STATE = pytest.StashKey["_TestState"]()
 _PLUGIN = "memtrack-session"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """With allocation tracking on, a failing test shows its top allocation sites."""
+    before = _allocations.totals()
+    if before is None:
+        return (yield)
+    try:
+        return (yield)
+    except BaseException:
+        text = _allocations.section(before)
+        if text is not None:
+            item.add_report_section("call", _allocations.SECTION, text)
+        raise
 
 
 # --------------------------------------------------------------------------------------

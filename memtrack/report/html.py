@@ -115,7 +115,50 @@ def _html_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def render_html(run: Run, found: list[Insight], name: str) -> str:
+def _alloc_parts(run: Run, sites: Sequence[Any]) -> tuple[str, str]:
+    """The allocation section (top sites, flame graph) and its scripts; empty without sites."""
+    if not sites:
+        return "", ""
+    from .sites import TOP_SITES, flame_tree, top_by
+
+    total = sum(s.allocated for s in sites)
+    tables = []
+    for phase_path, group in top_by(sites, "phase", TOP_SITES).items():
+        whole = sum(s.allocated for s in sites if s.phase == phase_path)
+        tables.append(f"<h3>phase {_e(phase_path or '(no phase)')}: ~{_e(format_size(whole))} "
+                      "allocated</h3>")
+        tables.append(_html_table(
+            ["allocated", "share", "retained", "allocations", "samples", "site", "called from",
+             "processes"],
+            [[format_size(r["allocated"]), f"{100 * r['allocated'] / whole:.0f}%" if whole
+              else "-", format_size(r["retained"]), r["allocations"], r["samples"],
+              r["location"], str(r["frames"][1]) if len(r["frames"]) > 1 else "",
+              len(r["pids"])] for r in group],
+            [True, True, True, True, True, False, False, True]))
+    section = (
+        '<section>\n  <h2>Allocation sites</h2>\n'
+        f'  <p class="note-small">Sampled by bytes: ~{_e(format_size(total))} allocated in '
+        f'{sum(s.samples for s in sites)} samples from {len({s.pid for s in sites})} '
+        'process(es). Each box of the flame graph is a Python frame, below it its callers, up '
+        'to its phase; its width is the estimated bytes allocated there (click to zoom). '
+        'Estimates from few samples are rough: see the samples column.</p>\n'
+        '  <div class="legend"><label><input type="radio" name="flame-measure" value="allocated" '
+        'checked> allocated</label> <label><input type="radio" name="flame-measure" '
+        'value="retained"> retained at the end</label></div>\n'
+        '  <div id="flame" class="flame"></div>\n'
+        '  <div id="flame-details" class="note-small"></div>\n'
+        f'  {"".join(tables)}\n</section>')
+    data = {"allocated": flame_tree(sites, "allocated"), "retained": flame_tree(sites, "retained")}
+    scripts = (
+        f'<script type="application/json" id="memtrack-flame">{_script_json(data)}</script>\n'
+        f"<script>{_resource('d3.min.js')}</script>\n"
+        f"<script>{_resource('d3-flamegraph.min.js')}</script>\n"
+        f"<script>{_resource('flame.js')}</script>")
+    return section, scripts
+
+
+def render_html(run: Run, found: list[Insight], name: str, *,
+                sites: Sequence[Any] = ()) -> str:
     h = run.header
     cards = []
     if run.deaths:
@@ -210,6 +253,7 @@ def render_html(run: Run, found: list[Insight], name: str) -> str:
     if run.skipped:
         warnings.append(f"{run.skipped} record(s) with missing or ill-typed fields left out.")
     data = _chart_data(run)
+    alloc_section, alloc_scripts = _alloc_parts(run, sites)
     lanes_height = 50 + 22 * max(1, len(data["lanes"]))
     values = {
         "TITLE": _e(f"memtrack report: {name}"),
@@ -225,6 +269,8 @@ def render_html(run: Run, found: list[Insight], name: str) -> str:
         "DATA": _script_json(data),
         "CHART_JS": _resource("chart.min.js"),
         "APP_JS": _resource("report.js"),
+        "ALLOC_SECTION": alloc_section,
+        "ALLOC_SCRIPTS": alloc_scripts,
     }
     # One pass, so text inside a substituted value is never substituted again.
     return re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: values[m.group(1)], _resource("report.html"))

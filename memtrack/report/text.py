@@ -66,7 +66,8 @@ def _death_line(d: Any) -> str:
             + (f"; {d.tasks} tasks done" if d.tasks is not None else ""))
 
 
-def render_text(run: Run, found: list[Insight], name: str) -> str:
+def render_text(run: Run, found: list[Insight], name: str, *,
+                sites: Sequence[Any] = ()) -> str:
     h = run.header
     out: list[str] = []
     host = h.get("host", "?")
@@ -130,6 +131,11 @@ def render_text(run: Run, found: list[Insight], name: str) -> str:
         out += _table(["pid", "state", "tasks", "RSS", "peak RSS", "USS", "PSS", "phase", "exit",
                        "seen"], rows,
                       [True, False, True, True, True, True, True, False, False, False])
+
+    if sites:
+        from .sites import text_lines
+
+        out += text_lines(sites, run.roles)
 
     out.append("")
     if run.peak is not None:
