@@ -76,6 +76,7 @@ static struct {
     atomic_uint_least64_t seed; /* for the per-thread generators */
     int max_frames;             /* frames kept per sample (set while stopped) */
     int installed;              /* PEP 445 hooks in place: GIL */
+    int small_hooks;            /* MEM/OBJ hooks leave large blocks to RAW: GIL */
     PyMemAllocatorEx prev[NDOMAINS]; /* what the hooks forward to: GIL */
     mt_site *sites;
     mt_site_frame *frames;
@@ -107,10 +108,12 @@ atomic_uint mt_alloc_session; /* 0: off; else the number of the current start() 
 static void
 thread_ended(void *arg)
 {
-    mt_alloc_thread *t = arg;
+    mt_alloc_thread *t = arg; /* this is the ending thread's own */
+    uint64_t bytes, count;
+    mt_alloc_thread_counts(&bytes, &count);
     mtx_lock(&threads_lock);
-    retired_bytes += atomic_load_explicit(&t->bytes, memory_order_relaxed);
-    retired_count += atomic_load_explicit(&t->count, memory_order_relaxed);
+    retired_bytes += bytes;
+    retired_count += count;
     t->prev->next = t->next;
     t->next->prev = t->prev;
     t->prev = t->next = NULL;
@@ -137,12 +140,23 @@ draw_interval(mt_alloc_thread *t)
     return bytes >= 9.0e18 ? INT64_MAX : (int64_t)bytes + 1;
 }
 
+/* A new countdown: the bytes of the old one move to bytes_base, and the
+ * thread's exact figures are published for counters(). */
+static void
+redraw(mt_alloc_thread *t)
+{
+    t->bytes_base += (uint64_t)(t->drawn - t->countdown);
+    t->countdown = t->drawn = draw_interval(t);
+    atomic_store_explicit(&t->pub_bytes, t->bytes_base, memory_order_relaxed);
+    atomic_store_explicit(&t->pub_count, t->count, memory_order_relaxed);
+}
+
 static void
 seed_thread(mt_alloc_thread *t, uint64_t ordinal)
 {
     t->rng = atomic_load_explicit(&al.seed, memory_order_relaxed) ^ (ordinal * 0xD1B54A32D192ED03ull);
     t->gen = atomic_load_explicit(&al.gen, memory_order_relaxed);
-    t->countdown = draw_interval(t);
+    redraw(t);
 }
 
 static void
@@ -299,26 +313,41 @@ forget_maybe(uintptr_t p, uint64_t h)
     mtx_unlock(&mt_alloc_sample_lock);
 }
 
-/* Inlined in every free: most pointers leave at the filter. */
-static inline void
-forget(void *ptr)
+/* Inlined in every free: may ptr be a sampled block? Most pointers leave at
+ * the filter, with no lock and no write. */
+static inline int
+maybe_sampled(void *ptr)
 {
     if (atomic_load_explicit(&al.live_count, memory_order_relaxed) == 0) {
-        return;
+        return 0;
     }
-    uintptr_t p = (uintptr_t)ptr;
-    uint64_t h = ptr_hash(p);
+    uint64_t h = ptr_hash((uintptr_t)ptr);
     unsigned g = atomic_load_explicit(&al.live_gen, memory_order_acquire);
     mt_live_table *t = atomic_load_explicit(&al.live, memory_order_acquire);
     if ((g & 1) == 0 && !filter_has(t, h)) {
         atomic_thread_fence(memory_order_acquire);
         if (atomic_load_explicit(&al.live_gen, memory_order_relaxed) == g) {
-            return; /* not sampled (the table did not change under us) */
+            return 0; /* not sampled (the table did not change under us) */
         }
     }
-    if (ptr != NULL) {
-        forget_maybe(p, h);
+    return ptr != NULL;
+}
+
+static inline void
+forget(void *ptr)
+{
+    if (maybe_sampled(ptr)) {
+        forget_maybe((uintptr_t)ptr, ptr_hash((uintptr_t)ptr));
     }
+}
+
+/* A free of a block that may be sampled: out of line, so that the common
+ * free is a check and a tail call. */
+static void __attribute__((noinline))
+free_sampled(PyMemAllocatorEx *prev, void *ptr)
+{
+    forget_maybe((uintptr_t)ptr, ptr_hash((uintptr_t)ptr));
+    prev->free(prev->ctx, ptr);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -416,7 +445,7 @@ take_sample(mt_alloc_thread *t, size_t size, void *ptr)
 {
     mt_site_frame stack[MT_ALLOC_MAX_FRAMES];
     t->guard = 1;
-    t->countdown = draw_interval(t);
+    redraw(t);
     int max = al.max_frames; /* only changed while stopped */
     uint32_t n = capture_stack(stack, max);
     uint32_t path = mt_phase_current_path_id();
@@ -479,10 +508,7 @@ account_in(mt_alloc_thread *t, size_t size, void *ptr)
     if (t->guard || !atomic_load_explicit(&al.active, memory_order_relaxed)) {
         return;
     }
-    atomic_store_explicit(&t->bytes, atomic_load_explicit(&t->bytes, memory_order_relaxed) + size,
-                          memory_order_relaxed);
-    atomic_store_explicit(&t->count, atomic_load_explicit(&t->count, memory_order_relaxed) + 1,
-                          memory_order_relaxed);
+    t->count++;
     t->countdown -= (int64_t)size;
     if (t->countdown < 0) {
         account_slow(t, size, ptr);
@@ -555,8 +581,39 @@ static void
 hook_free(void *ctx, void *ptr)
 {
     PyMemAllocatorEx *prev = ctx;
-    forget(ptr);
+    if (maybe_sampled(ptr)) {
+        free_sampled(prev, ptr);
+        return;
+    }
     prev->free(prev->ctx, ptr);
+}
+
+/* When pymalloc serves MEM and OBJ (the default), it keeps requests of up to
+ * 512 bytes and passes larger ones to the RAW domain. start() checks that
+ * (probe_pymalloc) and then uses these hooks instead: they account only what
+ * pymalloc keeps and leave the rest to the RAW hook, so they need no guard. */
+#define MT_SMALL_REQUEST 512
+
+static void *
+small_malloc(void *ctx, size_t size)
+{
+    PyMemAllocatorEx *prev = ctx;
+    void *p = prev->malloc(prev->ctx, size);
+    if (size <= MT_SMALL_REQUEST && p != NULL) {
+        account(size, p);
+    }
+    return p;
+}
+
+static void *
+small_calloc(void *ctx, size_t nelem, size_t elsize)
+{
+    PyMemAllocatorEx *prev = ctx;
+    void *p = prev->calloc(prev->ctx, nelem, elsize);
+    if (p != NULL && nelem * elsize <= MT_SMALL_REQUEST) { /* calloc checked the product */
+        account(nelem * elsize, p);
+    }
+    return p;
 }
 
 /* The RAW domain wraps the system allocator, which calls no other domain. */
@@ -598,7 +655,10 @@ static void
 raw_free(void *ctx, void *ptr)
 {
     PyMemAllocatorEx *prev = ctx;
-    forget(ptr);
+    if (maybe_sampled(ptr)) {
+        free_sampled(prev, ptr);
+        return;
+    }
     prev->free(prev->ctx, ptr);
 }
 
@@ -816,8 +876,11 @@ mt_alloc_after_fork_child(void)
         t->prev = &threads_head;
         threads_head.next = threads_head.prev = t;
     }
-    atomic_store(&t->bytes, 0);
-    atomic_store(&t->count, 0);
+    t->bytes_base = 0;
+    t->drawn = t->countdown;
+    t->count = 0;
+    atomic_store(&t->pub_bytes, 0);
+    atomic_store(&t->pub_count, 0);
     t->rng ^= 0xA0761D6478BD642Full ^ (uint64_t)mt_os_pid(); /* not the parent's draws */
     for (uint32_t i = 0; i < al.nsites; i++) {
         mt_site *s = &al.sites[i];
@@ -867,6 +930,77 @@ allocate_tables(void)
     al.nsites = 1;
     mtx_unlock(&mt_alloc_sample_lock);
     return 0;
+}
+
+/* The probe: a RAW hook that counts the calls of one thread. GIL held. */
+static unsigned long probe_thread;
+static int probe_calls;
+
+static void *
+probe_raw_malloc(void *ctx, size_t size)
+{
+    PyMemAllocatorEx *prev = ctx;
+    if (PyThread_get_thread_ident() == probe_thread) {
+        probe_calls++;
+    }
+    return prev->malloc(prev->ctx, size);
+}
+
+static void *
+probe_raw_calloc(void *ctx, size_t nelem, size_t elsize)
+{
+    PyMemAllocatorEx *prev = ctx;
+    return prev->calloc(prev->ctx, nelem, elsize);
+}
+
+static void *
+probe_raw_realloc(void *ctx, void *ptr, size_t size)
+{
+    PyMemAllocatorEx *prev = ctx;
+    return prev->realloc(prev->ctx, ptr, size);
+}
+
+static void
+probe_raw_free(void *ctx, void *ptr)
+{
+    PyMemAllocatorEx *prev = ctx;
+    prev->free(prev->ctx, ptr);
+}
+
+/* Does the allocator of `d` keep requests of up to MT_SMALL_REQUEST bytes to
+ * itself and pass larger ones to the RAW domain (pymalloc without debug
+ * hooks)? al.prev holds the allocators in place; GIL held. */
+static int
+forwards_large_to_raw(PyMemAllocatorDomain d)
+{
+    const size_t sizes[2] = {MT_SMALL_REQUEST, MT_SMALL_REQUEST + 1};
+    const int expect[2] = {0, 1};
+    for (int i = 0; i < 2; i++) {
+        probe_calls = 0;
+        void *p = al.prev[d].malloc(al.prev[d].ctx, sizes[i]);
+        int calls = probe_calls;
+        if (p == NULL || calls != expect[i]) {
+            if (p != NULL) {
+                al.prev[d].free(al.prev[d].ctx, p);
+            }
+            return 0;
+        }
+        al.prev[d].free(al.prev[d].ctx, p);
+    }
+    return 1;
+}
+
+static int
+probe_pymalloc(void)
+{
+    PyMemAllocatorEx probe = {&al.prev[DOMAIN_RAW], probe_raw_malloc, probe_raw_calloc,
+                              probe_raw_realloc, probe_raw_free};
+    probe_thread = PyThread_get_thread_ident();
+    PyMem_SetAllocator(PYMEM_DOMAIN_RAW, &probe);
+    int ok = forwards_large_to_raw(PYMEM_DOMAIN_MEM) && forwards_large_to_raw(PYMEM_DOMAIN_OBJ);
+    PyMem_SetAllocator(PYMEM_DOMAIN_RAW, &al.prev[DOMAIN_RAW]);
+    probe_thread = 0;
+    return ok;
 }
 
 static int
@@ -928,6 +1062,11 @@ mt_alloc_start(PyObject *module, PyObject *args, PyObject *kwargs)
         for (int d = 0; d < NDOMAINS; d++) {
             PyMem_GetAllocator((PyMemAllocatorDomain)d, &al.prev[d]);
         }
+        al.small_hooks = probe_pymalloc();
+        if (al.small_hooks) {
+            hook.malloc = small_malloc;
+            hook.calloc = small_calloc;
+        }
         for (int d = 0; d < NDOMAINS; d++) {
             PyMemAllocatorEx *h = d == DOMAIN_RAW ? &raw : &hook;
             h->ctx = &al.prev[d];
@@ -982,11 +1121,18 @@ mt_alloc_clear(PyObject *module, PyObject *unused)
     if (al.sites == NULL) {
         Py_RETURN_NONE;
     }
-    codes = malloc((size_t)SITE_CAP * MT_ALLOC_MAX_FRAMES * sizeof *codes);
-    if (codes == NULL) {
-        return PyErr_NoMemory();
-    }
+    /* Buffers sized by what is there: a large transient malloc would move
+     * glibc's mmap threshold and change how the process's heap behaves. */
     mtx_lock(&mt_alloc_sample_lock);
+    for (uint32_t i = 0; i < al.nsites; i++) {
+        ncodes += al.sites[i].nframes;
+    }
+    codes = malloc((ncodes ? ncodes : 1) * sizeof *codes);
+    if (codes == NULL) {
+        mtx_unlock(&mt_alloc_sample_lock);
+        return PyErr_NoMemory(); /* the sites stay, with their references */
+    }
+    ncodes = 0;
     for (uint32_t i = 0; i < al.nsites; i++) {
         for (uint32_t j = 0; j < al.sites[i].nframes; j++) {
             codes[ncodes++] = al.sites[i].frames[j].code;
@@ -1027,8 +1173,14 @@ mt_alloc_counters(PyObject *module, PyObject *unused)
     }
     pairs = malloc((cap ? cap : 1) * sizeof *pairs);
     for (mt_alloc_thread *t = threads_head.next; pairs && t != &threads_head; t = t->next) {
-        uint64_t b = atomic_load_explicit(&t->bytes, memory_order_relaxed);
-        uint64_t c = atomic_load_explicit(&t->count, memory_order_relaxed);
+        uint64_t b, c;
+        if (t == &mt_alloc_tls) {
+            mt_alloc_thread_counts(&b, &c); /* this thread: exact */
+        }
+        else { /* another thread: as of its latest sample */
+            b = atomic_load_explicit(&t->pub_bytes, memory_order_relaxed);
+            c = atomic_load_explicit(&t->pub_count, memory_order_relaxed);
+        }
         bytes += b;
         count += c;
         pairs[n][0] = t->ident;
@@ -1057,15 +1209,16 @@ mt_alloc_counters(PyObject *module, PyObject *unused)
     unsigned long long samples = al.samples, untracked = al.untracked, sites = al.nsites ? al.nsites - 1 : 0,
                        live = atomic_load(&al.live_count);
     mtx_unlock(&mt_alloc_sample_lock);
-    mt_alloc_thread *me = &mt_alloc_tls;
+    uint64_t my_bytes, my_count;
+    mt_alloc_thread_counts(&my_bytes, &my_count);
     result = Py_BuildValue(
-        "{s:O,s:K,s:K,s:(KK),s:O,s:K,s:K,s:K,s:K,s:L,s:i}", "running",
+        "{s:O,s:K,s:K,s:(KK),s:O,s:K,s:K,s:K,s:K,s:L,s:i,s:O}", "running",
         atomic_load(&al.active) ? Py_True : Py_False, "allocated", (unsigned long long)bytes,
         "allocations", (unsigned long long)count, "thread",
-        (unsigned long long)atomic_load(&me->bytes), (unsigned long long)atomic_load(&me->count),
+        (unsigned long long)my_bytes, (unsigned long long)my_count,
         "threads", threads, "samples", samples, "sites", sites, "live_samples", live,
         "untracked", untracked, "interval", (long long)atomic_load(&al.mean), "frames",
-        al.max_frames);
+        al.max_frames, "pymalloc_split", al.small_hooks ? Py_True : Py_False);
 done:
     free(pairs);
     Py_DECREF(threads);
@@ -1087,14 +1240,24 @@ mt_alloc_sites(PyObject *module, PyObject *unused)
     if (al.sites == NULL) {
         return PyList_New(0);
     }
-    copy = malloc(SITE_CAP * sizeof *copy);
-    ids = malloc(SITE_CAP * sizeof *ids);
-    frames = malloc((size_t)SITE_CAP * MT_ALLOC_MAX_FRAMES * sizeof *frames);
+    /* Sized by what is there (see mt_alloc_clear). libc's malloc is not
+     * hooked, so it may be called with the lock held. */
+    mtx_lock(&mt_alloc_sample_lock);
+    size_t nframes = 0, nsites = 0;
+    for (uint32_t i = 0; i < al.nsites; i++) {
+        if (al.sites[i].samples != 0) {
+            nsites++;
+            nframes += al.sites[i].nframes;
+        }
+    }
+    copy = malloc((nsites ? nsites : 1) * sizeof *copy);
+    ids = malloc((nsites ? nsites : 1) * sizeof *ids);
+    frames = malloc((nframes ? nframes : 1) * sizeof *frames);
     if (copy == NULL || ids == NULL || frames == NULL) {
+        mtx_unlock(&mt_alloc_sample_lock);
         PyErr_NoMemory();
         goto done;
     }
-    mtx_lock(&mt_alloc_sample_lock);
     for (uint32_t i = 0; i < al.nsites; i++) {
         const mt_site *s = &al.sites[i];
         if (s->samples == 0) {

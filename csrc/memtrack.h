@@ -158,13 +158,18 @@ const char *mt_phase_path_of(uint32_t id);
 
 enum { MT_ALLOC_THREAD_NEW = 0, MT_ALLOC_THREAD_LISTED = 1, MT_ALLOC_THREAD_ENDED = 2 };
 
-/* One thread's allocation state. Its own thread writes it; bytes and count
- * are atomics (relaxed loads and stores, no read-modify-write) so that
- * counters() can read them from another thread. prev/next: Protected by
- * alloc.c's threads_lock. */
+/* One thread's allocation state. Only its own thread reads or writes it,
+ * except pub_bytes/pub_count (atomics: what counters() reads of another
+ * thread) and prev/next (Protected by alloc.c's threads_lock). The hot path
+ * touches two fields: count, and the countdown to the next sample, from
+ * which the bytes follow: bytes = bytes_base + (drawn - countdown). */
 typedef struct mt_alloc_thread {
-    _Atomic uint64_t bytes, count; /* exact: every accounted allocation */
-    int64_t countdown;             /* bytes left before the next sample */
+    uint64_t count;      /* exact: every accounted allocation */
+    int64_t countdown;   /* bytes left before the next sample */
+    uint64_t bytes_base; /* bytes accounted before the current countdown */
+    int64_t drawn;       /* the countdown as it was drawn */
+    /* This thread's exact figures as of its latest sample (or start). */
+    _Atomic uint64_t pub_bytes, pub_count;
     uint64_t rng;
     uint64_t ordinal;
     unsigned long ident;
@@ -191,8 +196,9 @@ extern mtx_t mt_alloc_sample_lock;
 static inline void
 mt_alloc_thread_counts(uint64_t *bytes, uint64_t *count)
 {
-    *bytes = atomic_load_explicit(&mt_alloc_tls.bytes, memory_order_relaxed);
-    *count = atomic_load_explicit(&mt_alloc_tls.count, memory_order_relaxed);
+    const mt_alloc_thread *t = &mt_alloc_tls;
+    *bytes = t->bytes_base + (uint64_t)(t->drawn - t->countdown);
+    *count = t->count;
 }
 
 int mt_alloc_init(void);

@@ -168,11 +168,14 @@ def clear() -> None:
 def counters() -> dict[str, Any]:
     """Exact counters and the sampler's state.
 
-    ``allocated``/``allocations``: bytes and allocations of every thread since the
-    hooks first went in (threads that ended included); ``thread``: the calling thread's
-    ``(bytes, allocations)``; ``threads``: ``{thread id: (bytes, allocations)}`` of the
-    live threads; ``samples``, ``sites``, ``live_samples``, ``untracked`` (sampled blocks
-    whose frees could not be tracked: the pointer set was full), ``interval``, ``frames``.
+    ``thread``: the calling thread's ``(bytes, allocations)``, exact; ``threads``:
+    ``{thread id: (bytes, allocations)}`` of the live threads (another running thread's
+    as of its latest sample, at most about one interval behind; the caller's exact);
+    ``allocated``/``allocations``: their sum plus the threads that ended (exact at their
+    end); ``samples``, ``sites``, ``live_samples``, ``untracked`` (sampled blocks whose
+    frees could not be tracked: the pointer set was full), ``interval``, ``frames``,
+    ``pymalloc_split`` (True when the MEM/OBJ hooks leave pymalloc's large blocks to the
+    RAW hook, the cheaper way; False under debug hooks or ``PYTHONMALLOC=malloc``).
     """
     return _core.alloc_counters()
 
