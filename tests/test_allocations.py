@@ -470,3 +470,16 @@ def test_memtrack_run_allocations_records_the_sites_of_a_child(tmp_path):
     work = [s for s in profile.sites if s.phase == "work"]
     assert sum(s.allocated for s in work) == pytest.approx(30e6, rel=0.3)
     assert work[0].frames[0].filename == str(script)
+
+
+def test_next_ends_one_span_and_starts_the_next_with_its_own_counts():
+    with memtrack.allocations(seed=1):
+        with memtrack.phase("first") as p:
+            a = make_blocks(100, 10_000)
+            p.next("second")
+            b = make_blocks(300, 10_000)
+    first, second = memtrack.records()[-2:]
+    assert (first.path, second.path) == ("first", "second")
+    assert 100 * 10_000 <= first.allocated < 105 * 10_000
+    assert 300 * 10_000 <= second.allocated < 310 * 10_000
+    del a, b
