@@ -20,15 +20,12 @@ MAX_STACKS = 2000
 SPEEDSCOPE_SCHEMA = "https://www.speedscope.app/file-format-schema.json"
 
 
-def _key(site: AllocationSite) -> tuple[Any, ...]:
-    return (site.location, tuple(site.frames[1:3]))
-
-
 def merge(sites: Iterable[AllocationSite]) -> list[dict[str, Any]]:
-    """Sites with the same stack and phase summed over processes, largest first."""
+    """Sites of one phase with the same line and caller (the two frames a table shows)
+    summed, over deeper callers and over processes; largest first."""
     merged: dict[tuple[Any, ...], dict[str, Any]] = {}
     for s in sites:
-        key = (s.phase, s.overflow, s.frames)
+        key = (s.phase, s.overflow, s.frames[:2])
         row = merged.setdefault(key, {"phase": s.phase, "location": s.location,
                                       "frames": s.frames, "allocated": 0, "allocations": 0,
                                       "retained": 0, "samples": 0, "pids": set()})
