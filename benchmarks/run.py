@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_accounting  # noqa: E402
+import bench_alloc  # noqa: E402
 import bench_core  # noqa: E402
 import bench_record  # noqa: E402
 import bench_serve  # noqa: E402
@@ -30,7 +31,8 @@ import bench_table_read  # noqa: E402
 from _timing import HERE, print_section, say, warn_if_busy, write_results  # noqa: E402
 
 SCRIPTS = {"core": bench_core, "table": bench_table, "table_read": bench_table_read,
-           "record": bench_record, "serve": bench_serve, "accounting": bench_accounting}
+           "record": bench_record, "serve": bench_serve, "accounting": bench_accounting,
+           "alloc": bench_alloc}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_record.add_arguments(ap)  # --record-pairs
     bench_serve.add_arguments(ap)  # --serve-rounds
     bench_accounting.add_arguments(ap)  # --programs, --methods
+    bench_alloc.add_arguments(ap)  # --alloc-rounds, --no-callgrind
     args = ap.parse_args(argv)
     if sys.platform != "linux":
         print("the benchmarks measure the Linux implementation; run them on Linux.",

@@ -1267,7 +1267,10 @@ mt_pack_phase_records(PyObject *module, PyObject *args, PyObject *kwargs)
         if (!(c->r.start >= since)) {
             continue;
         }
-        rc |= mt_pack_map(pk, 14);
+        /* allocated/allocations only when tracked: a profile of untracked phases
+         * is as large as before (readers take an absent key as nil). */
+        int tracked = c->r.allocated != ALLOC_NOT_MEASURED;
+        rc |= mt_pack_map(pk, tracked ? 14 : 12);
         rc |= mt_pack_key(pk, "t") | mt_pack_str(pk, "phase", 5);
         rc |= mt_pack_key(pk, "name") | mt_pack_str(pk, c->name, strlen(c->name));
         rc |= mt_pack_key(pk, "path") | mt_pack_str(pk, c->path, strlen(c->path));
@@ -1283,12 +1286,10 @@ mt_pack_phase_records(PyObject *module, PyObject *args, PyObject *kwargs)
             (c->r.heap_delta == HEAP_NOT_READ ? mt_pack_nil(pk) : mt_pack_i64(pk, c->r.heap_delta));
         rc |= mt_pack_key(pk, "error");
         rc |= c->error ? mt_pack_str(pk, c->error, strlen(c->error)) : mt_pack_nil(pk);
-        rc |= mt_pack_key(pk, "allocated") | (c->r.allocated == ALLOC_NOT_MEASURED
-                                                   ? mt_pack_nil(pk)
-                                                   : mt_pack_u64(pk, c->r.allocated));
-        rc |= mt_pack_key(pk, "allocations") | (c->r.allocations == ALLOC_NOT_MEASURED
-                                                     ? mt_pack_nil(pk)
-                                                     : mt_pack_u64(pk, c->r.allocations));
+        if (tracked) {
+            rc |= mt_pack_key(pk, "allocated") | mt_pack_u64(pk, c->r.allocated);
+            rc |= mt_pack_key(pk, "allocations") | mt_pack_u64(pk, c->r.allocations);
+        }
     }
     free(copy);
     if (rc != 0) {
