@@ -390,7 +390,7 @@ class Section:
         ]
 
 
-SECTION_ORDER = ["core", "table", "table_read", "record", "alloc"]
+SECTION_ORDER = ["core", "table", "table_read", "record", "phase", "suites", "accounting", "alloc"]
 _SECTION_RE = re.compile(r"^<!-- section: (\w+) -->\n.*?^<!-- end section: \1 -->\n?",
                          re.S | re.M)
 

@@ -7,8 +7,9 @@
 
 RESULTS.md gets the machine once, then one section per script: the core (bench_core.py,
 issue 2), the worker table (bench_table.py, issue 3), its reader against the one before
-issue 10 and psutil (bench_table_read.py), recording (bench_record.py, issue 6) and the
-pool figures of memtrack run against a psutil sampler (bench_accounting.py, issue 11).
+issue 10 and psutil (bench_table_read.py), recording (bench_record.py, issue 6), the
+pool figures of memtrack run against a psutil sampler (bench_accounting.py, issue 11) and
+phases at the system-call floor (bench_phase.py, issue 12).
 They use the measuring method in benchmarks/_timing.py. Nothing here asserts anything.
 """
 
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_accounting  # noqa: E402
 import bench_alloc  # noqa: E402
 import bench_core  # noqa: E402
+import bench_phase  # noqa: E402
 import bench_record  # noqa: E402
 import bench_serve  # noqa: E402
 import bench_table  # noqa: E402
@@ -32,7 +34,7 @@ from _timing import HERE, print_section, say, warn_if_busy, write_results  # noq
 
 SCRIPTS = {"core": bench_core, "table": bench_table, "table_read": bench_table_read,
            "record": bench_record, "serve": bench_serve, "accounting": bench_accounting,
-           "alloc": bench_alloc}
+           "alloc": bench_alloc, "phase": bench_phase}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_serve.add_arguments(ap)  # --serve-rounds
     bench_accounting.add_arguments(ap)  # --programs, --methods
     bench_alloc.add_arguments(ap)  # --alloc-rounds, --no-callgrind
+    bench_phase.add_arguments(ap)  # --before, --callgrind
     args = ap.parse_args(argv)
     if sys.platform != "linux":
         print("the benchmarks measure the Linux implementation; run them on Linux.",

@@ -10,6 +10,10 @@
  *     name<TAB>median_ns<TAB>min_ns<TAB>max_ns
  *
  * usage: syscalls [N [BATCHES]]   (defaults 20000, 11)
+ *        syscalls --seq NAME N BATCHES
+ *            one sequence only (bare5, bare3, status), for bench_phase.py, which runs it
+ *            between its own Python batches so that both share the machine's state;
+ *            timed in CPU time (CLOCK_PROCESS_CPUTIME_ID), as bench_phase.py times them
  *
  * Nothing is subtracted: each number includes its share of the loop
  * (a few ns) and of the parse where the name says "+parse".
@@ -33,11 +37,15 @@ static volatile uint64_t sink;
 static long page_size;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 
+/* --seq times CPU time (user + system) of this process, as bench_phase.py does for
+ * its Python batches: on a loaded machine, wall time counts the others' time slices. */
+static clockid_t timer_clock = CLOCK_MONOTONIC;
+
 static uint64_t
 now_ns(void)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(timer_clock, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
@@ -153,12 +161,14 @@ p_smaps_rollup(void)
     sink += (uint64_t)total;
 }
 
-/* The syscall sequence of one phase enter+exit in memtrack._core
- * (csrc/phase.c, csrc/peak.c, csrc/platform/linux/linux.c), without Python:
+/* The system calls of one phase enter+exit in memtrack._core (csrc/phase.c,
+ * csrc/peak.c, csrc/platform/linux/linux.c), without Python:
  *   enter: lock, getrusage (the mark about to be lost), clear_refs write,
- *          pread statm, unlock, mallinfo2, clock_gettime
- *   exit:  clock_gettime, mallinfo2, lock, getrusage, pread statm, unlock
- * (the pid of the record is cached). A nested phase makes the same calls. */
+ *          pread statm, unlock, clock_gettime
+ *   exit:  clock_gettime, lock, getrusage, pread statm, unlock
+ * (the pid of the record is cached; mallinfo2 only with
+ * configure(phase_heap=True)). A nested phase makes the same calls. The
+ * statm parse here is sscanf, memtrack's is hand-rolled (cheaper). */
 static void
 p_phase_sequence(void)
 {
@@ -166,13 +176,33 @@ p_phase_sequence(void)
     p_getrusage();
     p_clear_refs();
     p_pread_statm_parse();
-    p_mallinfo2();
     p_clock_gettime();
     p_clock_gettime();
-    p_mallinfo2();
     p_mutex();
     p_getrusage();
     p_pread_statm_parse();
+}
+
+/* The floor of a phase enter+exit: its 5 system calls and nothing else (no
+ * parse, no lock, no clock): getrusage (the mark about to be lost),
+ * clear_refs, statm (rss at start); getrusage (the peak), statm (rss at end). */
+static void
+p_bare5(void)
+{
+    p_getrusage();
+    p_clear_refs();
+    p_pread_statm();
+    p_getrusage();
+    p_pread_statm();
+}
+
+/* The floor of p.next(): getrusage, clear_refs, statm. */
+static void
+p_bare3(void)
+{
+    p_getrusage();
+    p_clear_refs();
+    p_pread_statm();
 }
 
 /* ---- the harness ------------------------------------------------------- */
@@ -200,21 +230,47 @@ measure(const char *name, void (*fn)(void), long n, int batches)
     fflush(stdout);
 }
 
-int
-main(int argc, char **argv)
+static int
+main_sequence(int argc, char **argv)
 {
-    long n = argc > 1 ? atol(argv[1]) : 20000;
-    int batches = argc > 2 ? atoi(argv[2]) : 11;
+    static const struct {
+        const char *name;
+        void (*fn)(void);
+    } seqs[] = {{"bare5", p_bare5}, {"bare3", p_bare3}, {"status", p_pread_status}};
+    long n = argc > 3 ? atol(argv[3]) : 2000;
+    int batches = argc > 4 ? atoi(argv[4]) : 5;
     if (n < 1) n = 1;
     if (batches < 1) batches = 1;
     if (batches > 64) batches = 64;
-    page_size = sysconf(_SC_PAGESIZE);
+    for (size_t i = 0; i < sizeof seqs / sizeof seqs[0]; i++) {
+        if (argc > 2 && strcmp(argv[2], seqs[i].name) == 0) {
+            measure(seqs[i].name, seqs[i].fn, n, batches);
+            return 0;
+        }
+    }
+    fprintf(stderr, "syscalls: --seq takes bare5, bare3 or status\n");
+    return 2;
+}
 
+int
+main(int argc, char **argv)
+{
+    page_size = sysconf(_SC_PAGESIZE);
     fd_statm = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
     if (fd_statm < 0) die("open /proc/self/statm");
     fd_status = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
     if (fd_status < 0) die("open /proc/self/status");
     fd_clear = open("/proc/self/clear_refs", O_WRONLY | O_CLOEXEC);
+    if (argc > 1 && strcmp(argv[1], "--seq") == 0) {
+        if (fd_clear < 0) die("open /proc/self/clear_refs");
+        timer_clock = CLOCK_PROCESS_CPUTIME_ID;
+        return main_sequence(argc, argv);
+    }
+    long n = argc > 1 ? atol(argv[1]) : 20000;
+    int batches = argc > 2 ? atoi(argv[2]) : 11;
+    if (n < 1) n = 1;
+    if (batches < 1) batches = 1;
+    if (batches > 64) batches = 64;
 
     measure("empty_loop", p_empty, n, batches);
     measure("clock_gettime(MONOTONIC)", p_clock_gettime, n, batches);

@@ -436,7 +436,10 @@ phase_init(PhaseObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"name", NULL};
     PyObject *name;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:phase", kwlist, &name)) {
+    if (kwds == NULL && PyTuple_GET_SIZE(args) == 1) {
+        name = PyTuple_GET_ITEM(args, 0); /* phase("x"), as nearly all are made */
+    }
+    else if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:phase", kwlist, &name)) {
         return -1;
     }
     if (self->active) {
