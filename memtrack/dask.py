@@ -39,7 +39,7 @@ except ImportError as e:  # pragma: no cover - the test extra installs distribut
 from . import _core
 from .pool.table import ENV_TABLE, WorkerTable, init_worker, worker_slot
 from .profile.files import profile_header
-from .serve.source import Reading, totals_of, worker_dict
+from .serve.source import UNREAD, Reading, totals_of, worker_dict
 
 __all__ = ["MemtrackNannyPlugin", "MemtrackWorkerPlugin", "cluster_source", "collect",
            "install", "record", "serve"]
@@ -216,7 +216,7 @@ def collect(client: Client) -> dict[str, dict[str, Any]]:
                                   "total_time": s["total_time"]}
                            for path, s in e["phases"].items()}
         entry.update({k: v for k, v in e.items() if k not in entry and k != "address"})
-        if entry["state"] == "corrupt":
+        if entry["state"] in UNREAD:
             continue
         address = e["address"]
         previous = out.get(address)

@@ -16,7 +16,7 @@ from collections import deque
 from typing import Any
 
 from .metrics import phase_totals
-from .source import Reading
+from .source import UNREAD, Reading
 
 #: Distinct phase paths the page colours; later ones show as "(no phase)" grey.
 MAX_PHASES = 1000
@@ -73,7 +73,7 @@ class History:
                      "retained": s["total_rss_delta"] / s["count"] if s["count"] else 0,
                      "peak_rss": s["max_peak_rss"]}
                     for p, s in sorted(phase_totals(
-                        [w for w in reading.workers if w["state"] != "corrupt"]).items())]
+                        [w for w in reading.workers if w["state"] not in UNREAD]).items())]
             self.status = {
                 "time": reading.time, "gone": reading.gone, "totals": totals,
                 "phases": list(self._phase_names), "bars": bars,

@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import __version__
 from ..report.formats import exposition, label_text, label_value
-from .source import STATES, Reading
+from .source import STATES, UNREAD, Reading
 
 Samples = list[tuple[dict[str, Any] | str, float | int]]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -73,7 +73,7 @@ def render_metrics(reading: Reading, *, source_name: str, kind: str,
            "The largest peak resident memory of any worker, dead ones included.",
            [({}, t["peak_rss"])])
 
-    readable = [w for w in workers if w["state"] != "corrupt"]
+    readable = [w for w in workers if w["state"] not in UNREAD]
     # Each worker's label text is made once per scrape, not once per family.
     own = [label_text(labels(w)) for w in readable]
     in_phase = [f'{base},phase="{label_value(w["phase"] or "")}"'

@@ -18,7 +18,10 @@ from ..pool.table import TableError, WorkerTable
 
 #: The keys of a worker's phase summary, as ``WorkerStats.phases`` holds them.
 PHASE_KEYS = ("count", "total_time", "max_peak_rss", "max_peak_delta", "total_rss_delta")
-STATES = ("idle", "running", "exited", "killed", "corrupt")
+STATES = ("idle", "running", "exited", "killed", "busy", "corrupt")
+#: States whose slot carries no numbers this time: "busy" (its worker held it mid-write
+#: for the whole read: it is alive) and "corrupt" (it failed validation).
+UNREAD = ("busy", "corrupt")
 
 
 @dataclass
