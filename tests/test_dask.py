@@ -37,7 +37,7 @@ def client():
     with dask.config.set({"distributed.scheduler.allowed-failures": 0,
                           "distributed.worker.memory.monitor-interval": "50ms"}):
         with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
-                                      memory_limit=MEMORY_LIMIT, dashboard_address=None,
+                                      memory_limit=MEMORY_LIMIT, dashboard_address=":0",
                                       silence_logs=50) as cluster, \
                 distributed.Client(cluster) as c:
             mdask.install(c)

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -277,6 +278,32 @@ def test_serve_command_says_when_the_port_is_taken(capsys):
         code = main(["serve", table.name, "--address", f"127.0.0.1:{first.port}"])
     assert code == 2
     assert "the port is already in use" in capsys.readouterr().err
+
+
+def test_serve_command_serves_a_table_by_name_until_ctrl_c():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMTRACK_")}
+    with memtrack.WorkerTable(capacity=2) as table:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "memtrack", "serve", table.name, "--address",
+             "127.0.0.1:0"], stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            line = proc.stderr.readline()
+            m = re.search(r"serving table (\S+) at http://127\.0\.0\.1:(\d+)/", line)
+            assert m and m.group(1) == table.name, line
+            assert "Prometheus: http://127.0.0.1:" in proc.stderr.readline()
+            conn = http.client.HTTPConnection("127.0.0.1", int(m.group(2)), timeout=30)
+            conn.request("GET", "/metrics")
+            response = conn.getresponse()
+            assert response.status == 200
+            assert response.getheader("Content-Type").startswith("text/plain; version=0.0.4")
+            assert f'name="{table.name}"' in response.read().decode()
+            conn.close()
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.stderr.close()
 
 
 def test_run_serve_serves_the_run_while_it_runs(tmp_path):
