@@ -32,7 +32,7 @@ from typing import Any
 
 try:
     from distributed import Client
-    from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
+    from distributed.diagnostics.plugin import NannyPlugin, SchedulerPlugin, WorkerPlugin
 except ImportError as e:  # pragma: no cover - the test extra installs distributed
     raise ImportError("memtrack.dask needs Dask distributed: pip install distributed") from e
 
@@ -41,11 +41,12 @@ from .pool.table import ENV_TABLE, WorkerTable, init_worker, worker_slot
 from .profile.files import profile_header
 from .serve.source import UNREAD, Reading, totals_of, worker_dict
 
-__all__ = ["MemtrackNannyPlugin", "MemtrackWorkerPlugin", "cluster_source", "collect",
-           "install", "record", "serve"]
+__all__ = ["MemtrackNannyPlugin", "MemtrackSchedulerPlugin", "MemtrackWorkerPlugin",
+           "cluster_source", "collect", "install", "record", "scheduler_url", "serve"]
 
 NANNY_PLUGIN = "memtrack-nanny"
 WORKER_PLUGIN = "memtrack-worker"
+SCHEDULER_PLUGIN = "memtrack-scheduler"
 #: Seconds between the nanny's notes of which address its worker process has.
 NOTE_INTERVAL = 0.2
 
@@ -154,18 +155,23 @@ class MemtrackWorkerPlugin(WorkerPlugin):
             self.own_table.close()
 
 
-def install(client: Client, *, capacity: int = 16, heartbeat: float = 0.1) -> None:
+def install(client: Client, *, capacity: int = 16, heartbeat: float = 0.1,
+            scheduler_address: str | None = None, **serve_options: Any) -> None:
     """Register memtrack on every worker of `client`'s cluster, and on the ones that join
     later. Workers under a nanny are restarted once (see :class:`MemtrackNannyPlugin`).
 
     ``capacity``: slots of each nanny's table (a worker restarted more often than that
     reuses the slot of the oldest dead one); ``heartbeat``: seconds between a busy
-    worker's refreshes.
+    worker's refreshes. ``scheduler_address="HOST:PORT"`` also makes the scheduler serve
+    the cluster itself (:class:`MemtrackSchedulerPlugin`; ``serve_options``: ``public``,
+    ``token``, ``interval``, ``window``).
     """
     if not isinstance(client, Client):
         raise TypeError(f"install() needs a distributed.Client, not {type(client).__name__}")
     client.register_plugin(MemtrackNannyPlugin(capacity, heartbeat))
     client.register_plugin(MemtrackWorkerPlugin(capacity, heartbeat))
+    if scheduler_address is not None:
+        client.register_plugin(MemtrackSchedulerPlugin(scheduler_address, **serve_options))
 
 
 def _nanny_report(dask_worker: Any) -> list[dict[str, Any]] | None:
@@ -207,8 +213,12 @@ def collect(client: Client) -> dict[str, dict[str, Any]]:
     replacement has joined the scheduler. Workers without memtrack (``install`` not
     called) are left out.
     """
+    return _by_address(_entries(client))
+
+
+def _by_address(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for e in _entries(client):
+    for e in entries:
         entry = {k: e[k] for k in _REQUIRED}
         entry["phases"] = {path: {"count": s["count"], "max_peak_delta": s["max_peak_delta"],
                                   "max_peak_rss": s["max_peak_rss"],
@@ -236,16 +246,18 @@ class ClusterSource:
     cheap = False  # each read asks every nanny: scrapes get the latest sampled reading
     heartbeat = 1.0
 
-    def __init__(self, client: Client, *, owned: bool = False) -> None:
+    def __init__(self, client: Client | None, *, owned: bool = False, name: str | None = None,
+                 reader: Any = None) -> None:
         self.client = client
-        self.name = str(client.scheduler.address)
+        self.name = name if name is not None else str(client.scheduler.address)
         self._owned = owned
+        self._reader = reader if reader is not None else (lambda: collect(client))
         self._last = Reading(time.time(), [], totals_of([]))
         self._problem: str | None = None
 
     def read(self) -> Reading:
         try:
-            data = collect(self.client)
+            data = self._reader()
         except Exception as e:  # the scheduler went away, a timeout...: keep the last one
             problem = f"cannot read the Dask cluster: {type(e).__name__}: {e}"
             if problem != self._problem:  # said once, not every interval
@@ -273,7 +285,7 @@ class ClusterSource:
         return {"worker": worker.get("address"), "pid": worker["pid"]}
 
     def close(self) -> None:
-        if self._owned:
+        if self._owned and self.client is not None:
             self.client.close()
 
 
@@ -295,6 +307,95 @@ def serve(client: Client, address: str | tuple[str, int] = ("127.0.0.1", 0), *,
 
     return Server(ClusterSource(client), address, public=public, token=token,
                   interval=interval, window=window).start()
+
+
+class MemtrackSchedulerPlugin(SchedulerPlugin):
+    """Serve the cluster's memtrack workers from inside the scheduler process.
+
+    Register it with ``install(client, scheduler_address="HOST:PORT")`` (or
+    ``client.register_plugin``): the scheduler then listens there itself (page,
+    ``/metrics``, ``/api/workers``, the token rules of docs/serve.md) and asks its nannies
+    for their tables every `interval` seconds, as collect() does from a client. The
+    address it got (port 0: any free port) is :func:`scheduler_url`.
+    """
+
+    name = SCHEDULER_PLUGIN
+    idempotent = True
+
+    def __init__(self, address: str = "127.0.0.1:0", *, public: bool = False,
+                 token: str | None = None, interval: float = 1.0, window: float = 300.0
+                 ) -> None:
+        self.address = address
+        self.public = public
+        self.token = token
+        self.interval = interval
+        self.window = window
+        self.server: Any = None
+
+    async def start(self, scheduler: Any) -> None:
+        import asyncio
+
+        from .serve import Server
+
+        loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
+
+        def read() -> dict[str, dict[str, Any]]:
+            if threading.get_ident() == loop_thread:
+                return {}  # the first reading, from start() itself: nothing to wait for
+            future = asyncio.run_coroutine_threadsafe(_scheduler_entries(scheduler), loop)
+            return _by_address(future.result(timeout=60))
+
+        source = ClusterSource(None, name=str(scheduler.address), reader=read)
+        self.server = Server(source, self.address, public=self.public, token=self.token,
+                             interval=self.interval, window=self.window).start()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            import asyncio
+
+            # Off the event loop: a reading in flight needs the loop to finish.
+            await asyncio.get_running_loop().run_in_executor(None, self.server.close)
+
+
+async def _scheduler_entries(scheduler: Any) -> list[dict[str, Any]]:
+    """What _entries() gets through a client, asked by the scheduler itself."""
+    from distributed.protocol.pickle import dumps
+    from distributed.protocol.serialize import Serialize, Serialized, deserialize
+
+    with_nanny = [a for a, ws in scheduler.workers.items() if ws.nanny]
+    without = [a for a, ws in scheduler.workers.items() if not ws.nanny]
+    entries: list[dict[str, Any]] = []
+    for function, workers, nanny in ((_nanny_report, with_nanny, True),
+                                     (_worker_report, without, False)):
+        if not workers:
+            continue
+        msg = {"op": "run", "function": dumps(function), "args": dumps(()), "wait": True,
+               "kwargs": dumps({})}
+        responses = await scheduler.broadcast(msg=msg, workers=workers, nanny=nanny,
+                                              on_error="return_pickle")
+        for response in responses.values():
+            if not isinstance(response, dict) or response.get("status") != "OK":
+                continue
+            # The scheduler passes results through without unpacking them.
+            result = response.get("result")
+            if isinstance(result, Serialized):
+                result = deserialize(result.header, result.frames)
+            elif isinstance(result, Serialize):
+                result = result.data
+            if isinstance(result, list):
+                entries += result
+    return entries
+
+
+def _scheduler_url(dask_scheduler: Any) -> str | None:
+    plugin = dask_scheduler.plugins.get(SCHEDULER_PLUGIN)
+    return None if plugin is None or plugin.server is None else plugin.server.url
+
+
+def scheduler_url(client: Client) -> str | None:
+    """The URL the scheduler-side server listens on (None without the plugin)."""
+    return client.run_on_scheduler(_scheduler_url)
 
 
 # --------------------------------------------------------------------------- recording

@@ -119,6 +119,35 @@ def test_the_cluster_is_served_to_prometheus_from_the_client_side(client):
         assert check.returncode == 0, check.stdout + check.stderr
 
 
+async def _stop_scheduler_server(dask_scheduler):
+    plugin = dask_scheduler.plugins[mdask.SCHEDULER_PLUGIN]
+    await plugin.close()
+    dask_scheduler.remove_plugin(mdask.SCHEDULER_PLUGIN)
+
+
+def test_the_scheduler_itself_can_serve_the_cluster(client):
+    client.register_plugin(mdask.MemtrackSchedulerPlugin("127.0.0.1:0", interval=0.3))
+    try:
+        url = mdask.scheduler_url(client)
+        m = re.fullmatch(r"http://127\.0\.0\.1:(\d+)/", url or "")
+        assert m, url
+        addresses = set(worker_pids(client))
+        deadline = time.monotonic() + 60
+        while True:
+            conn = http.client.HTTPConnection("127.0.0.1", int(m.group(1)), timeout=30)
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+            conn.close()
+            if all(f'memtrack_worker_alive{{worker="{a}"' in text for a in addresses):
+                break
+            assert time.monotonic() < deadline, text
+            time.sleep(0.3)
+        assert f'memtrack_table_info{{source="dask",name="{client.scheduler.address}"' in text
+    finally:
+        client.run_on_scheduler(_stop_scheduler_server)
+    assert mdask.scheduler_url(client) is None
+
+
 def test_serve_command_serves_a_cluster(client):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMTRACK_")}
     proc = subprocess.Popen(
