@@ -35,7 +35,11 @@ MEMORY_LIMIT = 600 * MiB
 def client():
     # A task whose worker is killed fails at once instead of killing three workers in turn.
     with dask.config.set({"distributed.scheduler.allowed-failures": 0,
-                          "distributed.worker.memory.monitor-interval": "50ms"}):
+                          "distributed.worker.memory.monitor-interval": "50ms",
+                          # LocalCluster closes a nanny whose worker has not come back
+                          # within this time (15 s by default): on a loaded machine a
+                          # restart can take longer, and the nanny holds the table.
+                          "distributed.deploy.lost-worker-timeout": "180s"}):
         with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
                                       memory_limit=MEMORY_LIMIT, dashboard_address=":0",
                                       silence_logs=50) as cluster, \
