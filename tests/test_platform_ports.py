@@ -36,6 +36,41 @@ def test_port_defines_every_platform_function(port):
     assert not missing, f"{PORTS[port]} lacks {sorted(missing)}"
 
 
+def _parameter_types(params: str) -> list[str]:
+    """`uint64_t *hwm, mt_oserr *e` -> ["uint64_t*", "mt_oserr*"]: each type without its name."""
+    params = " ".join(params.split())
+    if params in ("", "void"):
+        return []
+    types = []
+    for param in params.split(","):
+        param = param.strip()
+        if "(" in param:  # a function pointer: keep it whole, names dropped
+            param = re.sub(r"\(\s*\*\s*\w+\s*\)", "(*)", param)
+        else:
+            param = re.sub(r"\w+$", "", param)
+        types.append(param.replace(" ", ""))
+    return types
+
+
+def _signatures(text: str, definitions: bool) -> dict[str, list[str]]:
+    pattern = r"^(mt_os_\w+)\(([^)]*(?:\([^)]*\)[^)]*)*)\)\s*\{" if definitions \
+        else r"\b(mt_os_\w+)\(([^)]*(?:\([^)]*\)[^)]*)*)\);"
+    return {name: _parameter_types(params)
+            for name, params in re.findall(pattern, text, flags=re.M)}
+
+
+@pytest.mark.parametrize("port", PORTS)
+def test_port_definitions_take_the_declared_parameters(port):
+    """The macOS parts under __APPLE__ are compiled nowhere here: compare the parameter
+    types of every definition with platform.h, so that a changed signature is caught."""
+    declared = _signatures((PLATFORM / "platform.h").read_text(), definitions=False)
+    defined = _signatures((PLATFORM / PORTS[port]).read_text(), definitions=True)
+    assert len(defined) > 30
+    wrong = {name: (defined[name], declared[name]) for name in defined
+             if name in declared and defined[name] != declared[name]}
+    assert not wrong, f"{PORTS[port]}: (defined, declared) differ: {wrong}"
+
+
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not found")
 def test_macos_posix_parts_parse_warning_free():
     """Only a syntax check, with Linux's headers: the parts under `#ifdef __APPLE__`
