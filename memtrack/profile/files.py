@@ -66,13 +66,15 @@ def combine(parts: Iterable[Any]) -> PhaseSummary:
         raise ValueError("no phase summaries to combine")
     count = sum(p.count for p in parts)
     total_rss_delta = sum(p.total_rss_delta for p in parts)
-    tracked = [p for p in parts if p.total_allocated is not None]
+    # Parts without allocation figures (untracked phases, report rows) add nothing to them.
+    allocated = [getattr(p, "total_allocated", None) for p in parts]
+    allocations = [getattr(p, "total_allocations", None) for p in parts]
+    tracked = any(a is not None for a in allocated)
     return PhaseSummary((count, sum(p.total_time for p in parts),
                          max(p.max_peak_rss for p in parts), max(p.max_peak_delta for p in parts),
                          total_rss_delta, total_rss_delta / count if count else 0.0),
-                        {"total_allocated": sum(p.total_allocated for p in tracked)
-                         if tracked else None,
-                         "total_allocations": sum(p.total_allocations or 0 for p in tracked)
+                        {"total_allocated": sum(a or 0 for a in allocated) if tracked else None,
+                         "total_allocations": sum(a or 0 for a in allocations)
                          if tracked else None})
 
 
@@ -97,9 +99,12 @@ def summarise_by_path(records: list[PhaseStats]) -> dict[str, PhaseSummary]:
 def summary_fields(s: PhaseSummary) -> dict[str, Any]:
     """A PhaseSummary as the fields a profile stores of it (docs/format.md): the one
     PhaseSummary -> dict, for summary records and a worker's per-phase summaries."""
-    return {"count": s.count, "total_time": s.total_time, "max_peak_rss": s.max_peak_rss,
-            "max_peak_delta": s.max_peak_delta, "total_rss_delta": s.total_rss_delta,
-            "total_allocated": s.total_allocated, "total_allocations": s.total_allocations}
+    fields = {"count": s.count, "total_time": s.total_time, "max_peak_rss": s.max_peak_rss,
+              "max_peak_delta": s.max_peak_delta, "total_rss_delta": s.total_rss_delta}
+    if s.total_allocated is not None:  # only when tracked, as phase records (docs/format.md)
+        fields["total_allocated"] = s.total_allocated
+        fields["total_allocations"] = s.total_allocations
+    return fields
 
 
 def summary_records(summary: dict[str, PhaseSummary]) -> list[dict[str, Any]]:
