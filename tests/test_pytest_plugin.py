@@ -443,6 +443,7 @@ def test_the_fixture_measures_the_body_and_gives_pools_a_table(pytester, run):
 # --------------------------------------------------------------------------- baselines
 
 BASELINE_TESTS = """
+    import mmap
     import os
     import pytest
     import memtrack
@@ -461,7 +462,8 @@ BASELINE_TESTS = """
         assert os.environ.get("BREAK_PHASE") != "1"
 
     def test_tiny():
-        buf = bytearray(int(os.environ.get("TINY_KIB", "8")) * 1024)
+        # its own mapping, every page touched: malloc could hand back pages already resident
+        buf = mmap.mmap(-1, int(os.environ.get("TINY_KIB", "8")) * 1024)
         buf[::4096] = b"x" * len(buf[::4096])
         del buf
 
