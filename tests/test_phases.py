@@ -5,9 +5,18 @@ import threading
 import time
 
 import pytest
-from conftest import MB, PAGE, run_python, touch
+from conftest import MB, PAGE, run_python
 
 import memtrack
+
+
+def touch(nbytes):
+    """`nbytes` made resident in a mapping of their own: memory from malloc can come back
+    already resident once earlier tests have left free chunks in the heap (seen in CI)."""
+    buf = mmap.mmap(-1, nbytes)
+    for i in range(0, nbytes, PAGE):
+        buf[i] = 1
+    return buf
 
 
 @pytest.mark.parametrize("mib", [16, 64, 256])
