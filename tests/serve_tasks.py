@@ -3,16 +3,11 @@
 import os
 import time
 
+from pool_tasks import touch
+
 import memtrack
 
 MB = 1024 * 1024
-
-
-def touch(nbytes):
-    buf = bytearray(nbytes)
-    for i in range(0, nbytes, 4096):
-        buf[i] = 1
-    return buf
 
 
 def load_then_parse(mib, seconds=0.3):

@@ -1,22 +1,13 @@
 """Phases: exact peaks, nesting, threads, decorators, errors and bad input."""
 
-import mmap
 import threading
 import time
 
 import pytest
-from conftest import MB, PAGE, run_python
+from conftest import MB, run_python
+from pool_tasks import touch
 
 import memtrack
-
-
-def touch(nbytes):
-    """`nbytes` made resident in a mapping of their own: memory from malloc can come back
-    already resident once earlier tests have left free chunks in the heap (seen in CI)."""
-    buf = mmap.mmap(-1, nbytes)
-    for i in range(0, nbytes, PAGE):
-        buf[i] = 1
-    return buf
 
 
 @pytest.mark.parametrize("mib", [16, 64, 256])
@@ -326,25 +317,16 @@ def test_phase_heap_reading_is_off_by_default_and_opt_in():
     del keep, more
 
 
-def _mapped(nbytes):
-    """Fresh anonymous pages, every one written: exactly nbytes more resident, whatever
-    malloc holds in reserve; closing the map gives them back at once."""
-    m = mmap.mmap(-1, nbytes)
-    for i in range(0, nbytes, PAGE):
-        m[i] = 1
-    return m
-
-
 def test_next_ends_a_phase_and_starts_its_sibling_exactly():
     # given an outer phase with a phase that moves on to a sibling
     with memtrack.phase("job"):
         with memtrack.phase("parse") as p:
-            _mapped(30 * MB).close()  # a spike, gone before next()
-            held = _mapped(8 * MB)
+            touch(30 * MB).close()  # a spike, gone before next()
+            held = touch(8 * MB)
             first = p.next("extract")
             assert first is p and p.name == "extract" and p.active
             parse = p.stats
-            _mapped(20 * MB).close()  # a spike of the sibling's own
+            touch(20 * MB).close()  # a spike of the sibling's own
         extract = p.stats
     held.close()
     # then each got its own exact peak, and the shared reading joins them
