@@ -57,6 +57,12 @@ def leak(mib):
     return os.getpid(), len(_kept)
 
 
+def leak_and_log(log_dir, n, mib):
+    """log_run, then keep `mib` MiB more: a worker past its leak threshold."""
+    leak(mib)
+    return log_run(log_dir, n)
+
+
 def fail(message):
     raise ValueError(message)
 

@@ -379,8 +379,33 @@ def test_a_queued_task_can_be_cancelled_before_a_worker_takes_it():
     assert queued.cancelled()
 
 
-def test_queued_tasks_still_run_when_the_program_ends_without_shutdown(tmp_path):
+@pytest.mark.parametrize("method", [None, "fork", "spawn", "forkserver"])
+def test_queued_tasks_still_run_when_the_program_ends_without_shutdown(tmp_path, method):
     # As with ProcessPoolExecutor: interpreter exit waits for queued tasks, then ends.
+    # Python 3.12 refuses new threads and fork() at exit, so the workers must all be up
+    # before it (issue 13: 3.12.1 dropped every queued task, exit code 0, no message).
+    log = tmp_path / "runs"
+    log.mkdir()
+    context = "None" if method is None else f"mp.get_context({method!r})"
+    proc = run_python(f"""
+        import multiprocessing as mp
+        import sys
+        sys.path.insert(0, {HERE!r})
+        import executor_tasks
+        from memtrack.pool.executor import MemoryAwareExecutor
+        ex = MemoryAwareExecutor(2, mp_context={context})
+        for n in range(6):
+            ex.submit(executor_tasks.log_run, {str(log)!r}, n, 0.05)
+    """)
+    assert sorted(runs(log)) == [0, 1, 2, 3, 4, 5], proc.stderr
+    if method != "fork":  # a forkserver or spawn pool never forks from this threaded process
+        assert "DeprecationWarning" not in proc.stderr
+
+
+def test_a_worker_recycled_just_before_exit_still_runs_the_rest(tmp_path):
+    # Every task leaks past the threshold, so workers are replaced while tasks are queued
+    # at exit: replacements start as soon as the old worker is gone, or are skipped at
+    # exit (where Python 3.12 could not start them); no task is lost either way.
     log = tmp_path / "runs"
     log.mkdir()
     run_python(f"""
@@ -388,11 +413,21 @@ def test_queued_tasks_still_run_when_the_program_ends_without_shutdown(tmp_path)
         sys.path.insert(0, {HERE!r})
         import executor_tasks
         from memtrack.pool.executor import MemoryAwareExecutor
-        ex = MemoryAwareExecutor(1)
-        for n in range(4):
-            ex.submit(executor_tasks.log_run, {str(log)!r}, n, 0.05)
+        ex = MemoryAwareExecutor(2, leak_threshold="8 MB", pause_at=None)
+        for n in range(8):
+            ex.submit(executor_tasks.leak_and_log, {str(log)!r}, n, 16)
     """)
-    assert sorted(runs(log)) == [0, 1, 2, 3]
+    assert sorted(runs(log)) == list(range(8))
+
+
+def test_without_a_context_the_executor_uses_a_forkserver(monkeypatch):
+    # fork() from the executor's threaded process is unsafe (Python 3.12+ warns); a
+    # forkserver forks from a process of its own. A start method set by the user wins.
+    from memtrack.pool import executor
+    monkeypatch.setattr(mp, "get_start_method", lambda allow_none=False: None)
+    assert executor.default_context().get_start_method() == "forkserver"
+    monkeypatch.setattr(mp, "get_start_method", lambda allow_none=False: "spawn")
+    assert executor.default_context() is mp.get_context()
 
 
 # --------------------------------------------------------------------------- arguments

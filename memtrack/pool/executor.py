@@ -41,6 +41,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Executor, Future, ProcessPoolExecutor
+from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
@@ -186,6 +187,21 @@ def _decode(kind: int, value: Any) -> tuple[Any, BaseException | None]:
 # --------------------------------------------------------------------------- memory probes
 
 
+def default_context() -> Any:
+    """The start method of a MemoryAwareExecutor given no ``mp_context``: "forkserver"
+    where the platform has it and no start method was chosen with
+    ``multiprocessing.set_start_method``, else multiprocessing's default.
+
+    The executor runs threads (its dispatcher, each worker pool's manager), and fork()
+    from a threaded process is unsafe (Python 3.12+ warns about it): a forkserver forks
+    from its own single-threaded process. It is Python 3.14's default on Linux too.
+    """
+    if mp.get_start_method(allow_none=True) is None and \
+            "forkserver" in mp.get_all_start_methods():
+        return mp.get_context("forkserver")
+    return mp.get_context()
+
+
 def table_capacity(workers: int) -> int:
     """Slots for a pool of `workers`: as many again for their replacements (a recycled or
     dead worker's slot keeps its last figures for forensics until a newcomer needs the
@@ -254,9 +270,18 @@ _WAKE = ("wake",)
 class _Dispatcher:
     """The thread that hands queued tasks to idle workers, and everything it decides.
 
-    ``lock`` protects ``pending``, ``shutting_down`` and ``broken``: the fields that
-    ``submit()`` and ``shutdown()`` touch from the caller's threads. Everything else is
-    the dispatcher thread's alone; other threads talk to it through ``inbox``.
+    ``lock`` protects ``pending``, ``shutting_down``, ``exiting`` and ``broken``: the
+    fields that ``submit()`` and ``shutdown()`` touch from the caller's threads.
+    ``start_lock`` serializes the first ``submit()`` calls, which start the workers and
+    the thread. Everything else is the dispatcher thread's alone once it runs; other
+    threads talk to it through ``inbox``.
+
+    Every worker process is started before it can be needed at interpreter exit: the
+    first ``submit()`` starts them all in the caller's thread and waits until each has
+    run a first call (its pool's threads are up then), and a replacement starts as soon
+    as the worker it replaces has gone. Python 3.12 refuses to start threads and to
+    fork once the interpreter is shutting down, so a pool that started its processes
+    lazily would drop the tasks still queued at exit.
     """
 
     def __init__(self, *, workers: int, table: WorkerTable, mp_context: Any,
@@ -276,6 +301,8 @@ class _Dispatcher:
         self.lock = threading.Lock()
         self.pending: collections.deque[_Task] = collections.deque()  # protected by lock
         self.shutting_down = False  # protected by lock
+        self.exiting = False  # protected by lock: the interpreter is shutting down
+        self.start_lock = threading.Lock()
         self.broken: str | None = None  # protected by lock
 
         self.inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
@@ -291,16 +318,39 @@ class _Dispatcher:
     # ------------------------------------------------------------------ caller's side
 
     def start(self) -> None:
-        """Start the thread (under ``lock``, by the first submit)."""
-        if self.thread is None:
-            self.thread = threading.Thread(target=self.run, name="memtrack-dispatcher",
-                                           daemon=True)
-            self.thread.start()
+        """Start every worker, then the thread: once, from the first submit(), in the
+        caller's thread (not under ``lock``: starting processes takes a while)."""
+        with self.start_lock:
+            if self.thread is not None:
+                return
+            first_calls = []
+            try:
+                for worker in self.workers:
+                    worker.pool = self._new_pool()
+                    first_calls.append(worker.pool.submit(os.getpid))
+            except BaseException:
+                for worker in self.workers:
+                    if worker.pool is not None:
+                        worker.pool.shutdown(wait=False, cancel_futures=True)
+                        worker.pool = None
+                raise
+            # A worker whose start failed (its initializer raised, it died) has a broken
+            # pool: its first task reports that, with the forensics, as before.
+            wait_futures(first_calls)
+            for worker, call in zip(self.workers, first_calls):
+                if call.exception() is None:
+                    worker.pid = call.result()
+            thread = threading.Thread(target=self.run, name="memtrack-dispatcher",
+                                      daemon=True)
+            thread.start()
+            self.thread = thread
             _live_dispatchers.add(self)
 
-    def stop(self, *, cancel_futures: bool = False, wait: bool = True) -> None:
+    def stop(self, *, cancel_futures: bool = False, wait: bool = True,
+             exiting: bool = False) -> None:
         with self.lock:
             self.shutting_down = True
+            self.exiting = self.exiting or exiting
             cancelled = list(self.pending) if cancel_futures else []
             if cancel_futures:
                 self.pending.clear()
@@ -362,6 +412,8 @@ class _Dispatcher:
             self._task_done(*message[1:])
         elif kind == "retired":
             self._retired(message[1])
+        elif kind == "ready":
+            self._ready(*message[1:])
 
     def _finished(self) -> bool:
         with self.lock:
@@ -369,7 +421,7 @@ class _Dispatcher:
             waiting = bool(self.pending)
         if not stopping or waiting:
             return False
-        return all(w.state not in ("busy", "retiring") for w in self.workers)
+        return all(w.state not in ("busy", "retiring", "starting") for w in self.workers)
 
     # ------------------------------------------------------------------ handing out
 
@@ -512,6 +564,12 @@ class _Dispatcher:
         growth = retained - worker.baseline
         if growth <= self.leak_threshold:
             return
+        with self.lock:
+            exiting = self.exiting
+        if exiting:  # no thread or process may start now (Python 3.12): keep it
+            _log.info("memtrack: worker %s retained %s over its first task's level, kept: "
+                      "the interpreter is exiting", worker.pid, format_size(growth))
+            return
         detail = (f"retained {format_size(retained)} after task {worker.tasks}, "
                   f"{format_size(growth)} more than the {format_size(worker.baseline)} after "
                   f"its first task (leak_threshold {format_size(self.leak_threshold)}): "
@@ -539,12 +597,33 @@ class _Dispatcher:
         worker.baseline = None
         worker.tasks = 0
         with self.lock:
-            stopping = self.broken is not None
+            stopping = self.broken is not None or (self.shutting_down and not self.pending)
         if stopping:
             worker.state = "closed"
             return
-        worker.pool = None
-        worker.state = "idle"
+        # The replacement starts now, not when a task needs it (which may be at exit).
+        try:
+            worker.pool = self._new_pool()
+            first_call = worker.pool.submit(os.getpid)
+        except RuntimeError as exc:  # the interpreter is exiting (Python 3.12 refuses)
+            if worker.pool is not None:
+                worker.pool.shutdown(wait=False)
+            worker.pool = None
+            worker.state = "closed"
+            if all(w.state in ("closed", "dead") for w in self.workers):
+                self._fail_pending(f"no worker is left to run the queued tasks: a recycled "
+                                   f"worker could not be replaced ({exc})")
+            return
+        worker.state = "starting"
+        first_call.add_done_callback(lambda call: self.inbox.put(("ready", worker, call)))
+
+    def _ready(self, worker: _Worker, call: Future) -> None:
+        """A replacement ran its first call: it takes tasks (if it died, its first task
+        finds the broken pool and reports the death)."""
+        if worker.state == "starting":
+            worker.state = "idle"
+            if call.exception() is None:
+                worker.pid = call.result()
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(1, mp_context=self.mp_context, initializer=_init_worker,
@@ -638,7 +717,7 @@ def _at_exit() -> None:
     up an exit after this.
     """
     for dispatcher in list(_live_dispatchers):
-        dispatcher.stop(wait=True)
+        dispatcher.stop(wait=True, exiting=True)
 
 
 # threading._register_atexit runs hooks before non-daemon threads are joined, newest
@@ -736,7 +815,7 @@ class MemoryAwareExecutor(Executor):
             raise TypeError(f"memory_probe must be a callable returning bytes, "
                             f"not {type(memory_probe).__name__}")
         if mp_context is None:
-            mp_context = mp.get_context()
+            mp_context = default_context()
         elif not callable(getattr(mp_context, "get_start_method", None)):
             raise TypeError("mp_context must be a multiprocessing context, e.g. "
                             f"multiprocessing.get_context('spawn'), not "
@@ -790,18 +869,25 @@ class MemoryAwareExecutor(Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         dispatcher = self._dispatcher
+        if dispatcher.thread is None:
+            self._check_open()
+            dispatcher.start()  # the first call starts every worker (see _Dispatcher)
         with dispatcher.lock:
-            if dispatcher.broken is not None:
-                raise BrokenProcessPool(dispatcher.broken)
-            if dispatcher.shutting_down:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._check_open()
             future: Future = Future()
             dispatcher.pending.append(_Task(future, fn, args, kwargs))
-            dispatcher.start()
         dispatcher.inbox.put(_WAKE)
         return future
 
-    submit.__doc__ = Executor.submit.__doc__
+    submit.__doc__ = (Executor.submit.__doc__ or "") + """
+        The first call starts every worker and returns once each is ready."""
+
+    def _check_open(self) -> None:
+        dispatcher = self._dispatcher
+        if dispatcher.broken is not None:
+            raise BrokenProcessPool(dispatcher.broken)
+        if dispatcher.shutting_down:
+            raise RuntimeError("cannot schedule new futures after shutdown")
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
             timeout: float | None = None, chunksize: int = 1) -> Iterator[Any]:
