@@ -665,6 +665,9 @@ raw_free(void *ctx, void *ptr)
 /* ------------------------------------------------------------------------ */
 /* numpy's data allocator (NEP 49), found at run time: numpy is no build     */
 /* dependency. The handler layout is numpy's version-1 PyDataMem_Handler.    */
+/* The wrappers keep the guard up around the handler they wrap, as the MEM   */
+/* and OBJ hooks do: a handler may allocate through a hooked Python domain   */
+/* (numpy 2.5 on Python 3.12 does), which would count each array twice.      */
 
 typedef struct {
     void *ctx;
@@ -696,9 +699,13 @@ static void **np_api;
 static void *
 np_malloc(void *ctx, size_t size)
 {
+    mt_alloc_thread *t = &mt_alloc_tls;
+    int guard = t->guard;
+    t->guard = 1;
     void *p = np_prev.malloc(np_prev.ctx, size);
+    t->guard = guard;
     if (p != NULL) {
-        account(size, p);
+        account_in(t, size, p);
     }
     return p;
 }
@@ -706,9 +713,13 @@ np_malloc(void *ctx, size_t size)
 static void *
 np_calloc(void *ctx, size_t nelem, size_t elsize)
 {
+    mt_alloc_thread *t = &mt_alloc_tls;
+    int guard = t->guard;
+    t->guard = 1;
     void *p = np_prev.calloc(np_prev.ctx, nelem, elsize);
+    t->guard = guard;
     if (p != NULL) {
-        account(nelem * elsize, p);
+        account_in(t, nelem * elsize, p);
     }
     return p;
 }
@@ -717,9 +728,13 @@ static void *
 np_realloc(void *ctx, void *ptr, size_t size)
 {
     forget(ptr);
+    mt_alloc_thread *t = &mt_alloc_tls;
+    int guard = t->guard;
+    t->guard = 1;
     void *p = np_prev.realloc(np_prev.ctx, ptr, size);
+    t->guard = guard;
     if (p != NULL) {
-        account(size, p);
+        account_in(t, size, p);
     }
     return p;
 }

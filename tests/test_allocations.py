@@ -464,17 +464,18 @@ def test_memtrack_run_allocations_records_the_sites_of_a_child(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(
         "import memtrack\n"
-        "keep = []\n"
         "with memtrack.phase('work'):\n"
-        "    for _ in range(3000):\n"
-        "        keep.append(bytearray(10_000))\n")
+        "    for _ in range(30_000):\n"
+        "        bytearray(10_000)\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMTRACK_")}
     subprocess.run([sys.executable, "-m", "memtrack", "run", "--quiet", "--allocations", "-o",
                     str(path), "--", sys.executable, str(script)], check=True, env=env,
                    timeout=120)
     profile = memtrack.load(path)
     work = [s for s in profile.sites if s.phase == "work"]
-    assert sum(s.allocated for s in work) == pytest.approx(30e6, rel=0.3)
+    # 300 MB at the default 512 KiB mean interval: ~570 samples, so the estimate's spread
+    # is ~4%; the bound is over 4 of those (30 MB gave 57 samples: 36% off was seen in CI).
+    assert sum(s.allocated for s in work) == pytest.approx(300e6, rel=0.18)
     assert work[0].frames[0].filename == str(script)
 
 
