@@ -25,6 +25,7 @@ from typing import Any
 from .._phase import phase
 from .._sizes import format_size
 from ..limits import cpu_limit
+from ..pool.executor import default_context
 from ..pool.table import WorkerTable, init_worker
 from ..profile.recording import record
 from ..sizing import plan_workers
@@ -183,7 +184,10 @@ def run_demo(workers: int | None = None, source: str | None = None, out: str = "
                 view.start()
             try:
                 with phase("main"):
-                    with ProcessPoolExecutor(workers, initializer=worker_init,
+                    # The recording's sampler and the live view are threads: fork() from
+                    # here is unsafe (Python 3.12+ warns); a forkserver's children are not.
+                    with ProcessPoolExecutor(workers, mp_context=default_context(),
+                                             initializer=worker_init,
                                              initargs=(table.name, source)) as ex:
                         futures = [ex.submit(analyze_batch, b) for b in batches]
                         for fut in as_completed(futures):
