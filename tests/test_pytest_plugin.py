@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
+import stat
 import textwrap
 
 import pytest
@@ -643,7 +645,154 @@ def test_bad_option_values_are_usage_errors(pytester, run):
         ["ERROR: --memtrack-update-baseline needs --memtrack-baseline=FILE"])
     (pytester.path / "broken.json").write_text("{not json")
     result = run("--memtrack-baseline=broken.json")
-    result.stderr.fnmatch_lines(["ERROR: memtrack: the baseline */broken.json is not JSON: *"])
+    result.stderr.fnmatch_lines(["ERROR: memtrack: baseline */broken.json: cannot read it as "
+                                 "JSON: *"])
+
+
+# --------------------------------------------------------------------------- bad baselines
+
+GATED_TEST = """
+    import pathlib
+
+    def test_x():
+        pathlib.Path("ran").write_text("yes")   # never, when the baseline is refused
+"""
+
+
+def _baseline(tests: object, **top: object) -> bytes:
+    return json.dumps({"format": "memtrack-baseline/1", "tests": tests, **top}).encode()
+
+
+def _entry(entry: object) -> bytes:
+    return _baseline({"test_x.py::test_x": entry})
+
+
+def assert_usage_error(result: pytest.RunResult, message: str) -> None:
+    """pytest refused to start with exactly one error line, `message`, and no traceback."""
+    out = result.stdout.str() + "\n" + result.stderr.str()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, out
+    assert [line for line in result.stderr.lines if line.startswith("ERROR")] == [
+        f"ERROR: {message}"], out
+    assert "INTERNALERROR" not in out and "Traceback" not in out, out
+
+
+LATIN1 = b'{"format": "memtrack-baseline/1", "tests": {"test_x.py::test_caf\xe9": {"peak": 1}}}'
+TOP = 'an object {"format": "memtrack-baseline/1", "tests": {...}}'
+ENTRY = ", entry 'test_x.py::test_x'"
+SIZE = ": expected a whole number of bytes (0 to 2**63 - 1), got"
+UNKNOWN = (": unknown field; memtrack-baseline/1 has only 'format' and 'tests', an entry only "
+           "'peak' and 'phases' (remove it: an update would not keep it)")
+#: id: (the file's bytes, the error after "memtrack: baseline FILE")
+MALFORMED = {
+    "not_utf8": (LATIN1, f": not UTF-8 text (byte 0xe9 at offset {LATIN1.index(0xE9)})"),
+    "empty": (b"", f": the file is empty; expected {TOP}"),
+    "blank": (b"\n  \n", f": the file is empty; expected {TOP}"),
+    "not_json": (b"{not json", ": cannot read it as JSON: Expecting property name enclosed in "
+                               "double quotes: line 1 column 2 (char 1)"),
+    "nested_too_deep": (b"[" * 100_000, ": cannot read it as JSON: maximum recursion depth "
+                                        "exceeded while decoding a JSON array from a unicode "
+                                        "string"),
+    "too_many_digits": (_entry({"peak": 0}).replace(b"0", b"9" * 5000),
+                        ": cannot read it as JSON: Exceeds the limit (4300 digits) for integer "
+                        "string conversion: value has 5000 digits; use "
+                        "sys.set_int_max_str_digits() to increase the limit"),
+    "top_level_array": (b"[1, 2]", f": expected {TOP}, got [1, 2] (array)"),
+    "format_missing": (b'{"tests": {}}', ", field 'format': expected \"memtrack-baseline/1\", "
+                                         "but the field is missing"),
+    "format_wrong": (b'{"format": "memtrack-baseline/2", "tests": {}}',
+                     ", field 'format': expected \"memtrack-baseline/1\", got "
+                     "\"memtrack-baseline/2\" (string)"),
+    "tests_missing": (b'{"format": "memtrack-baseline/1"}',
+                      ", field 'tests': expected an object {test id: entry}, but the field is "
+                      "missing"),
+    "tests_array": (_baseline([]),
+                    ", field 'tests': expected an object {test id: entry}, got [] (array)"),
+    "unknown_top_field": (_baseline({}, comment="x"), ", field 'comment'" + UNKNOWN),
+    "entry_number": (_entry(5),
+                     ENTRY + ': expected an object such as {"peak": 1048576}, got 5 (integer)'),
+    "entry_null": (_entry(None),
+                   ENTRY + ': expected an object such as {"peak": 1048576}, got null'),
+    "peak_missing": (_entry({}), ENTRY + ", field 'peak': expected a whole number of bytes "
+                                         "(0 to 2**63 - 1), but the field is missing"),
+    "peak_float": (_entry({"peak": 1.5}), ENTRY + ", field 'peak'" + SIZE + " 1.5 (float)"),
+    "peak_whole_float": (_entry({"peak": 1048576.0}),
+                         ENTRY + ", field 'peak'" + SIZE + " 1048576.0 (float)"),
+    "peak_nan": (_entry({"peak": float("nan")}), ENTRY + ", field 'peak'" + SIZE + " NaN (float)"),
+    "peak_bool": (_entry({"peak": True}), ENTRY + ", field 'peak'" + SIZE + " true (boolean)"),
+    "peak_string": (_entry({"peak": "40 MB"}),
+                    ENTRY + ", field 'peak'" + SIZE + ' "40 MB" (string)'),
+    "peak_null": (_entry({"peak": None}), ENTRY + ", field 'peak'" + SIZE + " null"),
+    "peak_negative": (_entry({"peak": -1}), ENTRY + ", field 'peak'" + SIZE + " -1 (integer)"),
+    "peak_2_to_63": (_entry({"peak": 2**63}),
+                     ENTRY + ", field 'peak'" + SIZE + " 9223372036854775808 (integer)"),
+    "phases_array": (_entry({"peak": 1, "phases": [1]}), ENTRY + ", field 'phases': expected "
+                                                         "an object {phase path: bytes}, got "
+                                                         "[1] (array)"),
+    "phase_float": (_entry({"peak": 1, "phases": {"parse": 1.5}}),
+                    ENTRY + ", field \"phases['parse']\"" + SIZE + " 1.5 (float)"),
+    "unknown_entry_field": (_entry({"peak": 1, "peek": 2}), ENTRY + ", field 'peek'" + UNKNOWN),
+}
+
+
+@pytest.mark.parametrize("content, message", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_baseline_is_one_usage_error_before_any_test_runs(
+        pytester, run, content, message):
+    pytester.makepyfile(test_x=GATED_TEST)
+    base = pytester.path / "baseline.json"
+    base.write_bytes(content)
+    # the gate refuses the file, and so does an update, which leaves it as it was
+    for update in ((), ("--memtrack-update-baseline",)):
+        result = run(f"--memtrack-baseline={base.name}", *update)
+        assert_usage_error(result, f"memtrack: baseline {base}{message}")
+        assert not (pytester.path / "ran").exists()
+        assert base.read_bytes() == content
+    assert sorted(p.name for p in pytester.path.glob("baseline*")) == ["baseline.json"]
+
+
+def test_a_directory_as_the_baseline_is_a_usage_error(pytester, run):
+    pytester.makepyfile(test_x=GATED_TEST)
+    (pytester.path / "ci" / "baseline.json").mkdir(parents=True)
+    base = pytester.path / "ci" / "baseline.json"
+    expected = f"memtrack: baseline {base}: cannot read it: Is a directory"
+    assert_usage_error(run("--memtrack-baseline=ci/baseline.json"), expected)
+    pytester.makeini("[pytest]\nmemtrack_baseline = ci/baseline.json\n")
+    assert_usage_error(run("--memtrack-update-baseline"), expected)
+    assert base.is_dir() and not list(base.iterdir())
+    assert not (pytester.path / "ran").exists()
+
+
+def test_a_well_formed_baseline_at_the_limits_is_accepted(pytester, run):
+    pytester.makepyfile(test_x=GATED_TEST)
+    base = pytester.path / "baseline.json"
+    base.write_bytes(_baseline({
+        "test_x.py::test_x": {"peak": 2**63 - 1, "phases": {}},
+        "test_gone.py::test_zero": {"peak": 0, "phases": {"a/b": 0, "c": 2**63 - 1}},
+    }))
+    result = run(f"--memtrack-baseline={base.name}")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"{base}: 0 within tolerance, 0 over, 1 improved, "
+                                 "0 not in the baseline"])
+
+
+def test_the_update_replaces_the_file_whole_and_keeps_its_mode(pytester, run):
+    pytester.makepyfile(test_x=GATED_TEST)
+    base = pytester.path / "baseline.json"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    # a new file: the mode the umask gives any new file (not a temporary file's 0600)
+    run(f"--memtrack-baseline={base.name}", "--memtrack-update-baseline").assert_outcomes(
+        passed=1)
+    assert stat.S_IMODE(base.stat().st_mode) == 0o666 & ~umask
+    # an existing file keeps its mode; it is replaced (a new inode), not written in place
+    base.write_bytes(_baseline({"test_x.py::test_x": {"peak": 2**40}}))
+    base.chmod(0o640)
+    inode = base.stat().st_ino
+    run(f"--memtrack-baseline={base.name}", "--memtrack-update-baseline").assert_outcomes(
+        passed=1)
+    assert stat.S_IMODE(base.stat().st_mode) == 0o640
+    assert base.stat().st_ino != inode
+    assert json.loads(base.read_text())["tests"]["test_x.py::test_x"]["peak"] < 2**40
+    assert sorted(p.name for p in pytester.path.glob("baseline*")) == ["baseline.json"]
 
 
 # --------------------------------------------------------------------------- xdist

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import stat
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -634,7 +635,7 @@ def _compare(entry: dict[str, Any], old: dict[str, Any], settings: Settings
     for path, value in entry.get("phases", {}).items():
         pairs.append((f"phase {path}", value, old.get("phases", {}).get(path)))
     for what, now, was in pairs:
-        if not isinstance(now, int) or not isinstance(was, int):
+        if now is None or was is None:  # a phase the baseline does not have yet
             continue
         change = f"{(now - was) / was:+.0%}" if was > 0 else "new"
         if now > was * (1 + settings.tolerance) and now - was > settings.floor:
@@ -647,36 +648,120 @@ def _compare(entry: dict[str, Any], old: dict[str, Any], settings: Settings
     return status, over, better
 
 
+#: The largest number of bytes a baseline may hold (a signed 64-bit count).
+MAX_BYTES = 2**63 - 1
+_TOP_FIELDS = {"format", "tests"}
+_ENTRY_FIELDS = {"peak", "phases"}
+_MISSING = object()  #: a field that is not there
+_UNSET = object()    #: no value to show
+_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean",
+               int: "integer", float: "float", type(None): "null"}
+
+
+def _baseline_error(path: Path, problem: str, nodeid: str | None = None,
+                    field: str | None = None, value: Any = _UNSET) -> pytest.UsageError:
+    """``memtrack: baseline FILE, entry 'NODEID', field 'peak': PROBLEM, got 1.5 (float)``:
+    the one form of every complaint about a baseline file (entry, field and value where
+    they apply)."""
+    where = f"memtrack: baseline {path}"
+    if nodeid is not None:
+        where += f", entry {nodeid!r}"
+    if field is not None:
+        where += f", field {field!r}"
+    if value is _MISSING:
+        problem += ", but the field is missing"
+    elif value is not _UNSET:
+        try:
+            shown = json.dumps(value)
+        except RecursionError:  # nested almost as deep as json.loads allows
+            shown = "[[[..." if isinstance(value, list) else "{...}"
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        kind = _JSON_TYPES.get(type(value), type(value).__name__)
+        problem += f", got {shown}" + (f" ({kind})" if kind != shown else "")
+    return pytest.UsageError(f"{where}: {problem}")
+
+
 def _load_baseline(path: Path) -> dict[str, dict[str, Any]]:
+    """The ``tests`` of the baseline at `path`, every entry checked; {} when there is no file.
+
+    Anything else (unreadable, not UTF-8, not JSON, another format, an entry or a field of
+    the wrong type, a peak that is not a whole number of bytes in 0..MAX_BYTES, a field
+    this format does not have) is a pytest.UsageError that names the file, the entry and
+    the field. It is raised at session start, before any test runs, so a gate never
+    silently compares nothing, and --memtrack-update-baseline never overwrites a file it
+    could not read. Unknown fields are rejected, not ignored: the writer would drop them,
+    and a misspelt "phases" would otherwise turn its checks off without a word."""
+    top = f'an object {{"format": "{BASELINE_FORMAT}", "tests": {{...}}}}'
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}
+    except UnicodeDecodeError as e:
+        raise _baseline_error(path, f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                                    f"{e.start})") from None
     except OSError as e:
-        raise pytest.UsageError(f"memtrack: cannot read the baseline {path}: {e}") from None
+        raise _baseline_error(path, f"cannot read it: {e.strerror or e}") from None
+    if not text.strip():
+        raise _baseline_error(path, f"the file is empty; expected {top}")
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise pytest.UsageError(f"memtrack: the baseline {path} is not JSON: {e}") from None
-    if not isinstance(data, dict) or data.get("format") != BASELINE_FORMAT \
-            or not isinstance(data.get("tests"), dict):
-        raise pytest.UsageError(f"memtrack: {path} is not a memtrack baseline "
-                                f"(expected {{\"format\": \"{BASELINE_FORMAT}\", \"tests\": ...}})")
-    return data["tests"]
+    except (ValueError, RecursionError) as e:  # also too many digits, too deeply nested
+        raise _baseline_error(path, f"cannot read it as JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise _baseline_error(path, f"expected {top}", value=data)
+    if data.get("format", _MISSING) != BASELINE_FORMAT:
+        raise _baseline_error(path, f'expected "{BASELINE_FORMAT}"', field="format",
+                              value=data.get("format", _MISSING))
+    tests = data.get("tests", _MISSING)
+    if not isinstance(tests, dict):
+        raise _baseline_error(path, "expected an object {test id: entry}", field="tests",
+                              value=tests)
+    unknown = (f"unknown field; {BASELINE_FORMAT} has only 'format' and 'tests', an entry "
+               "only 'peak' and 'phases' (remove it: an update would not keep it)")
+    extra = sorted(data.keys() - _TOP_FIELDS)
+    if extra:
+        raise _baseline_error(path, unknown, field=extra[0])
+    size = "a whole number of bytes (0 to 2**63 - 1)"
+    for nodeid, entry in tests.items():
+        if not isinstance(entry, dict):
+            raise _baseline_error(path, 'expected an object such as {"peak": 1048576}',
+                                  nodeid, value=entry)
+        extra = sorted(entry.keys() - _ENTRY_FIELDS)
+        if extra:
+            raise _baseline_error(path, unknown, nodeid, extra[0])
+        phases = entry.get("phases", {})
+        if not isinstance(phases, dict):
+            raise _baseline_error(path, "expected an object {phase path: bytes}", nodeid,
+                                  "phases", phases)
+        values = [("peak", entry.get("peak", _MISSING))]
+        values += [(f"phases[{p!r}]", v) for p, v in phases.items()]
+        for name, value in values:
+            if type(value) is not int or not 0 <= value <= MAX_BYTES:  # bool is not a size
+                raise _baseline_error(path, f"expected {size}", nodeid, name, value)
+    return tests
 
 
 def _write_baseline(path: Path, tests: dict[str, dict[str, Any]]) -> None:
-    """Write atomically, through a temporary file of this writer's own (no clash between
-    sessions, nothing left behind on error)."""
+    """Write atomically: the whole text goes to a temporary file of this writer's own in
+    the same directory (no clash between sessions), flushed to disk, then os.replace()d
+    over `path`, so a reader sees the old file or the new one, never a part; nothing is
+    left behind on error. The file keeps its mode; a new one gets the umask's."""
     text = json.dumps({"format": BASELINE_FORMAT, "tests": tests}, indent=2, sort_keys=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    tmp = path.parent / f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the mode umask gives
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            pass
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
