@@ -453,9 +453,7 @@ class _Dispatcher:
 
     def _start(self, worker: _Worker, task: _Task) -> None:
         worker.task = task
-        if worker.pool is None:
-            worker.pool = self._new_pool()
-        try:
+        try:  # an idle worker always has its pool: start() or _retired() made it
             inner = worker.pool.submit(_run_task, task.fn, task.args, task.kwargs,
                                        self._leak_bound(worker))
         except BrokenProcessPool as exc:  # the process died while idle
@@ -870,7 +868,8 @@ class MemoryAwareExecutor(Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         dispatcher = self._dispatcher
         if dispatcher.thread is None:
-            self._check_open()
+            with dispatcher.lock:
+                self._check_open()
             dispatcher.start()  # the first call starts every worker (see _Dispatcher)
         with dispatcher.lock:
             self._check_open()
@@ -883,6 +882,8 @@ class MemoryAwareExecutor(Executor):
         The first call starts every worker and returns once each is ready."""
 
     def _check_open(self) -> None:
+        """Raise as ProcessPoolExecutor.submit() would on a broken or shut-down pool
+        (the caller holds the dispatcher's ``lock``)."""
         dispatcher = self._dispatcher
         if dispatcher.broken is not None:
             raise BrokenProcessPool(dispatcher.broken)

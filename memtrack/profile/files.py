@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import _core
 from .._alloc import AllocationSite, check_site, site_records
+from .._files import write_atomically
 
 ProfileError = _core.ProfileError
 PhaseStats = _core.PhaseStats
@@ -122,25 +123,6 @@ def profile_header(kind: str) -> dict[str, Any]:
     }
 
 
-def _write_atomically(path: str | os.PathLike[str], chunks: list[bytes]) -> None:
-    """Write to a temporary file beside `path` and rename: a reader never sees half a file."""
-    path = os.fspath(path)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def dump(path: str | os.PathLike[str]) -> None:
     """Write this process's phase records and summary to `path` as a msgpack profile."""
     records, dropped = _core.pack_phase_records()
@@ -151,7 +133,7 @@ def dump(path: str | os.PathLike[str]) -> None:
     if _core.alloc_counters()["samples"] or sites:
         c = _core.alloc_counters()
         header["allocations"] = {"interval": c["interval"], "frames": c["frames"]}
-    _write_atomically(path, [_core.pack(header), records, *map(_core.pack, summary),
+    write_atomically(path, [_core.pack(header), records, *map(_core.pack, summary),
                              *map(_core.pack, sites), _core.pack({"t": "end"})])
 
 

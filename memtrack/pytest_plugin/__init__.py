@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import stat
 import statistics
 import threading
 import time
@@ -46,6 +44,7 @@ from typing import Any
 import pytest
 
 from .. import _core
+from .._files import write_atomically
 from .._sizes import format_size, parse_size
 from ..leaks import Growth, retained_rss
 from ..leaks import assert_no_growth as _assert_no_growth
@@ -742,27 +741,11 @@ def _load_baseline(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _write_baseline(path: Path, tests: dict[str, dict[str, Any]]) -> None:
-    """Write atomically: the whole text goes to a temporary file of this writer's own in
-    the same directory (no clash between sessions), flushed to disk, then os.replace()d
-    over `path`, so a reader sees the old file or the new one, never a part; nothing is
-    left behind on error. The file keeps its mode; a new one gets the umask's."""
+    """Write atomically (a reader sees the old file or the new one, never a part); the
+    file keeps its mode, a new one gets the umask's."""
     text = json.dumps({"format": BASELINE_FORMAT, "tests": tests}, indent=2, sort_keys=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the mode umask gives
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
-        except FileNotFoundError:
-            pass
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomically(path, [(text + "\n").encode("utf-8")])
 
 
 # --------------------------------------------------------------------------------------
