@@ -383,14 +383,16 @@ class Section:
             f"## {self.title}",
             "",
             f"Produced by `{self.command}` in {self.elapsed:.0f} s, {now_words()}, git "
-            f"{git_words()}.",
+            f"{git_words()}, on {dict(machine_info())['CPU']}, load average "
+            f"{load_words()}.",
             "",
             *self.body,
             f"<!-- end section: {self.key} -->",
         ]
 
 
-SECTION_ORDER = ["core", "table", "table_read", "record", "phase", "suites", "accounting", "alloc"]
+SECTION_ORDER = ["core", "table", "table_read", "record", "phase", "suites", "accounting", "alloc",
+                 "executor"]
 _SECTION_RE = re.compile(r"^<!-- section: (\w+) -->\n.*?^<!-- end section: \1 -->\n?",
                          re.S | re.M)
 
@@ -427,7 +429,10 @@ def write_results(path: Path, sections: list[Section], command: str, elapsed: fl
         L += [f"Produced by `{command}` in {elapsed:.0f} s. Re-run it to refresh this file; "
               "numbers from other machines are not comparable, and on a shared or virtual "
               "machine compare ratios from one run rather than absolute numbers across runs."]
-    L += ["", "## Machine", ""]
+    L += ["", "## Machine", "",
+          "The machine of the newest run; a section kept from an earlier run names its own "
+          "CPU and load (sections written before 2026-12-08 ran on the machine their date "
+          "and commit identify, an AMD EPYC with 2 usable CPUs).", ""]
     L += table([[k, v] for k, v in machine_info()], ["", ""], "ll")
     L += ["", "## Contents", ""]
     for k in order:

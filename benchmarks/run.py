@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_accounting  # noqa: E402
 import bench_alloc  # noqa: E402
 import bench_core  # noqa: E402
+import bench_executor  # noqa: E402
 import bench_phase  # noqa: E402
 import bench_record  # noqa: E402
 import bench_serve  # noqa: E402
@@ -34,7 +35,7 @@ from _timing import HERE, print_section, say, warn_if_busy, write_results  # noq
 
 SCRIPTS = {"core": bench_core, "table": bench_table, "table_read": bench_table_read,
            "record": bench_record, "serve": bench_serve, "accounting": bench_accounting,
-           "alloc": bench_alloc, "phase": bench_phase}
+           "alloc": bench_alloc, "phase": bench_phase, "executor": bench_executor}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_accounting.add_arguments(ap)  # --programs, --methods
     bench_alloc.add_arguments(ap)  # --alloc-rounds, --no-callgrind
     bench_phase.add_arguments(ap)  # --before, --callgrind
+    bench_executor.add_arguments(ap)  # --executor-rounds
     args = ap.parse_args(argv)
     if sys.platform != "linux":
         print("the benchmarks measure the Linux implementation; run them on Linux.",
